@@ -1,0 +1,103 @@
+"""``Exact``: the dense curvature matrix of the mean training loss, for small parameter sets."""
+
+from __future__ import annotations
+
+import torch
+
+from .._loader import iterate_batches
+from ..exceptions import CurvatureError
+from ._base import Curvature
+from ._products import batch_matmat, check_curvature_type
+
+
+class Exact(Curvature):
+    """Dense ``C = (1/N) Σ_j C_j`` and a float64 Cholesky solve of ``C + λI``.
+
+    ``curvature_type``:
+
+    - ``"hessian"``: ``C_j = ∇²ℓ(z_j)``. May be indefinite on non-convex models; a
+      non-positive-definite ``C + λI`` is reported with its smallest eigenvalue.
+    - ``"ggn"``: Gauss-Newton ``J_jᵀ H_j J_j``, positive semi-definite; equals the true Fisher
+      for cross-entropy and squared-error tasks.
+    - ``"fisher"``: empirical Fisher ``∇ℓ(z_j)∇ℓ(z_j)ᵀ`` with the data's labels.
+
+    The matrix is built column by column from batched curvature-vector products (``chunk_size``
+    columns at once), costing ``P`` products per training batch; ``max_params`` refuses
+    parameter sets whose ``P × P`` float64 matrix would be too large. The Cholesky factor is
+    cached per damping value.
+
+    Examples:
+        >>> import torch
+        >>> from influence import ClassificationTask
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> loader = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
+        >>> cur = Exact(damping=1e-2).fit(model, ClassificationTask(), loader)
+        >>> cur.matrix_.shape
+        torch.Size([8, 8])
+        >>> V = torch.randn(2, 8, dtype=torch.float64)
+        >>> torch.allclose(cur.solve(cur.matmat(V)), V)
+        True
+    """
+
+    def __init__(
+        self,
+        damping: float = 1e-3,
+        curvature_type: str = "hessian",
+        max_params: int = 5000,
+        chunk_size: int | None = 256,
+    ):
+        super().__init__(damping=damping)
+        self.curvature_type = curvature_type
+        self.max_params = max_params
+        self.chunk_size = chunk_size
+
+    def _fit(self, model, task, loader, layout):
+        check_curvature_type(self.curvature_type)
+        P = layout.num_params
+        if P > self.max_params:
+            raise CurvatureError(
+                f"Exact curvature over {P} parameters would need a dense {P}x{P} matrix, above "
+                f"max_params={self.max_params}. Use an approximate curvature (CG, EKFAC, "
+                "Arnoldi, DataInf), attribute fewer parameters (params=[...]), or raise "
+                "max_params if you have the memory."
+            )
+        first = next(iter(layout.tensors(model).values()))
+        matrix = torch.zeros(P, P, dtype=torch.float64, device=first.device)
+        eye = torch.eye(P, dtype=first.dtype, device=first.device)
+        count = 0
+        for batch in iterate_batches(loader, "train_loader"):
+            for start in range(0, P, self.chunk_size or P):
+                cols = eye[start : start + (self.chunk_size or P)]
+                block = batch_matmat(self.curvature_type, model, task, layout, batch, cols)
+                matrix[start : start + cols.shape[0]] += block.double()
+            count += task.num_examples(batch)
+        matrix /= count
+        self.matrix_ = 0.5 * (matrix + matrix.T)
+        self.num_examples_ = count
+        self._cholesky = {}
+
+    def _factor(self, damping: float) -> torch.Tensor:
+        if damping not in self._cholesky:
+            A = self.matrix_ + damping * torch.eye(
+                self.matrix_.shape[0], dtype=torch.float64, device=self.matrix_.device
+            )
+            L, info = torch.linalg.cholesky_ex(A)
+            if int(info) != 0:
+                smallest = float(torch.linalg.eigvalsh(self.matrix_)[0])
+                raise CurvatureError(
+                    f"Exact({self.curvature_type!r}) + damping {damping:g} is not positive "
+                    f"definite: the curvature's smallest eigenvalue is {smallest:.3g}. Use "
+                    f"curvature_type='ggn' (always PSD) or damping > {max(-smallest, 0):.3g}."
+                )
+            self._cholesky[damping] = L
+        return self._cholesky[damping]
+
+    def _solve(self, G, damping):
+        L = self._factor(damping)
+        X = torch.cholesky_solve(G.T.to(L), L)
+        return X.T
+
+    def _matmat(self, V, damping):
+        M = self.matrix_
+        return V.to(M) @ M + damping * V.to(M)

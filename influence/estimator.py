@@ -1,0 +1,210 @@
+"""``InfluenceEstimator``: fit a curvature once, then score queries against training data.
+
+Score convention (everywhere in the library)::
+
+    score[i, j] = ∇m(z_test_i)ᵀ (C + λI)⁻¹ ∇ℓ(z_train_j)
+
+with ``m`` the task's measurement, ``ℓ`` the per-example training loss and ``C`` the
+curvature of the mean training loss. **Positive = helpful**: up-weighting training example
+``j`` lowers query ``i``'s loss. Removing ``j`` from ``N`` training examples changes the
+query's measurement by approximately ``+score[i, j] / N`` (the leave-one-out estimate).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ._loader import iterate_batches, warn_if_shuffled
+from ._params_base import ParamsMixin, check_is_fitted, clone
+from .curvature._base import Curvature, check_instance
+from .curvature.identity import Identity
+from .exceptions import ModelChangedError, NonFiniteGradientError
+from .gradients.functional import per_sample_grads
+from .params import ParamSpec, parameter_fingerprint, select_parameters
+from .tasks import ClassificationTask, Task
+
+
+def check_finite(G: torch.Tensor, offset: int, what: str) -> None:
+    """Raises :class:`NonFiniteGradientError` naming the examples with NaN/inf gradients."""
+    bad = ~torch.isfinite(G).all(dim=1)
+    if bool(bad.any()):
+        idx = (torch.nonzero(bad).flatten() + offset).tolist()
+        shown = idx[:20] + (["..."] if len(idx) > 20 else [])
+        raise NonFiniteGradientError(
+            f"NaN or inf gradients for {len(idx)} {what} example(s) at indices {shown}. Check "
+            "those examples' inputs and labels, and the model's loss at them (e.g. log(0))."
+        )
+
+
+class InfluenceEstimator(ParamsMixin):
+    """Influence scores of training examples on queries, through a pluggable curvature.
+
+    Args:
+        curvature: a :class:`~influence.curvature.Curvature` instance (cloned at ``fit``);
+            default ``Identity()`` (gradient dot products).
+        task: reads batches; default ``ClassificationTask()``.
+        params: attributed parameters: ``"trainable"``, ``"all"``, glob patterns or a layout.
+        chunk_size: examples per vmap chunk for per-example gradients (memory bound).
+        score_dtype: dtype of score accumulation (float32 or higher).
+
+    Fitted attributes: ``model_``, ``curvature_``, ``layout_``, ``num_train_``,
+    ``fingerprint_``.
+
+    Examples:
+        >>> import torch
+        >>> from influence import InfluenceEstimator, Exact, ClassificationTask
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> train = [(torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,)))]
+        >>> est = InfluenceEstimator(Exact(damping=0.1), ClassificationTask()).fit(model, train)
+        >>> est.pairwise_scores(train).shape
+        torch.Size([6, 6])
+    """
+
+    def __init__(
+        self,
+        curvature: Curvature | None = None,
+        task: Task | None = None,
+        params: ParamSpec = "trainable",
+        chunk_size: int | None = None,
+        score_dtype: torch.dtype = torch.float32,
+    ):
+        self.curvature = curvature
+        self.task = task
+        self.params = params
+        self.chunk_size = chunk_size
+        self.score_dtype = score_dtype
+
+    # ----------------------------------------------------------------------------- fitting
+    def fit(self, model: nn.Module, train_loader: Iterable[Any]) -> "InfluenceEstimator":
+        """Fits the curvature on the training data; returns self."""
+        curvature = Identity() if self.curvature is None else self.curvature
+        check_instance(curvature, Curvature, "curvature")
+        task = ClassificationTask() if self.task is None else self.task
+        check_instance(task, Task, "task")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        if self.score_dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"score_dtype must be torch.float32 or torch.float64; got {self.score_dtype}."
+            )
+        warn_if_shuffled(train_loader, "train_loader")
+        _warn_if_stochastic(model)
+        layout = select_parameters(model, self.params)
+        self.task_ = task
+        self.layout_ = layout
+        self.curvature_ = clone(curvature).fit(model, task, train_loader, layout)
+        self.model_ = model
+        self.train_loader_ = train_loader
+        self.num_train_ = sum(task.num_examples(b) for b in iterate_batches(train_loader, "train_loader"))
+        self.fingerprint_ = parameter_fingerprint(model, layout)
+        return self
+
+    # ----------------------------------------------------------------------------- gradients
+    def _check_model(self, method: str) -> None:
+        check_is_fitted(self, "curvature_", method)
+        if parameter_fingerprint(self.model_, self.layout_) != self.fingerprint_:
+            raise ModelChangedError(
+                "The model's attributed parameters changed after fit() (e.g. more training "
+                "steps or loading other weights): the fitted curvature no longer matches. "
+                "Call fit(model, train_loader) again."
+            )
+
+    def _gradients(self, loader: Iterable[Any], objective: str, what: str) -> Iterator[torch.Tensor]:
+        """Yields per-example gradient blocks ``(B, P)`` of the loader, checked finite."""
+        offset = 0
+        for batch in iterate_batches(loader, f"{what}_loader"):
+            G = per_sample_grads(
+                self.model_, self.task_, batch, self.layout_, self.chunk_size, objective
+            )
+            check_finite(G, offset, what)
+            offset += G.shape[0]
+            yield G
+
+    def influence_factors(self, test_loader: Iterable[Any]) -> torch.Tensor:
+        """Preconditioned query gradients ``(C + λI)⁻¹ ∇m(z_test)``, shape ``(n_test, P)``."""
+        self._check_model("influence_factors()")
+        blocks = [self.curvature_.solve(G) for G in self._gradients(test_loader, "measurement", "test")]
+        return torch.cat(blocks).to(self.score_dtype)
+
+    # ----------------------------------------------------------------------------- scores
+    def pairwise_scores(
+        self, test_loader: Iterable[Any], train_loader: Iterable[Any] | None = None
+    ) -> torch.Tensor:
+        """Scores of every training example on every query, shape ``(n_test, n_train)``.
+
+        Queries are preconditioned once and held; the training set is streamed one batch at a
+        time (one pass), never holding all training gradients.
+        """
+        factors = self.influence_factors(test_loader)
+        columns = [
+            factors @ G.to(factors.dtype).T
+            for G in self._gradients(self._train(train_loader), "loss", "train")
+        ]
+        return torch.cat(columns, dim=1)
+
+    def self_scores(self, loader: Iterable[Any] | None = None) -> torch.Tensor:
+        """Self-influence ``∇ℓ(z)ᵀ (C + λI)⁻¹ ∇ℓ(z)`` of each example, shape ``(n,)``.
+
+        Large values flag unusual, often mislabeled, examples. Defaults to the training set.
+        """
+        self._check_model("self_scores()")
+        out = []
+        for G in self._gradients(self._train(loader), "loss", "train"):
+            out.append((self.curvature_.solve(G).to(self.score_dtype) * G.to(self.score_dtype)).sum(1))
+        return torch.cat(out)
+
+    def top_k(
+        self,
+        test_loader: Iterable[Any],
+        k: int,
+        largest: bool = True,
+        train_loader: Iterable[Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most helpful (``largest=False``: most harmful) training examples per query.
+
+        Streams the training set, keeping only a running top-k: memory ``O(n_test · k)``.
+
+        Returns:
+            ``(values, indices)``, each ``(n_test, k)``, sorted from most to least extreme;
+            indices count training examples in loader order.
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive integer; got {k!r}.")
+        factors = self.influence_factors(test_loader)
+        best_v = best_i = None
+        offset = 0
+        for G in self._gradients(self._train(train_loader), "loss", "train"):
+            s = factors @ G.to(factors.dtype).T
+            idx = torch.arange(offset, offset + s.shape[1], device=s.device).expand_as(s)
+            offset += s.shape[1]
+            if best_v is not None:
+                s, idx = torch.cat([best_v, s], 1), torch.cat([best_i, idx], 1)
+            kk = min(k, s.shape[1])
+            best_v, pos = torch.topk(s, kk, dim=1, largest=largest)
+            best_i = torch.gather(idx, 1, pos)
+        if best_v.shape[1] < k:
+            raise ValueError(f"k={k} exceeds the number of training examples ({best_v.shape[1]}).")
+        return best_v, best_i
+
+    def _train(self, loader: Iterable[Any] | None) -> Iterable[Any]:
+        if loader is None:
+            check_is_fitted(self, "train_loader_", "scoring")
+            return self.train_loader_
+        warn_if_shuffled(loader, "train_loader")
+        return loader
+
+
+def _warn_if_stochastic(model: nn.Module) -> None:
+    active = [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
+    if active:
+        warnings.warn(
+            f"Dropout is active in training mode ({', '.join(active[:5])}): gradients and "
+            "scores will be random. Call model.eval() before fitting and scoring.",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,263 @@
+"""Tasks: how a batch becomes per-example training losses and measurements.
+
+A :class:`Task` reads whatever structure the user's DataLoader yields. Two methods matter:
+
+- ``loss(model, batch) -> Tensor[B]``: the per-example training loss ``ℓ(z_j)`` (no reduction,
+  no ``1/B`` factor: per-example gradients never depend on the loader's batch size);
+- ``measurement(model, batch) -> Tensor[B]``: the attributed quantity ``m(z_i)`` of a query
+  (default: the loss).
+
+The ready-made tasks also split the loss into ``outputs = forward(model, batch)`` and
+``output_loss(outputs, targets, batch)``; curvatures that need the output space (Gauss-Newton,
+the true Fisher with ``sample_targets``) use that split (:class:`OutputTask`).
+
+Per-example functions are evaluated under ``torch.func.vmap`` with each example presented as a
+batch of one, so a task must not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .exceptions import BatchFormatError
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"Tensor{tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return "dict with keys " + repr(sorted(map(str, batch.keys())))
+    if isinstance(batch, (tuple, list)):
+        return f"{type(batch).__name__} of length {len(batch)}"
+    return type(batch).__name__
+
+
+class Task(ABC):
+    """Turns a batch into per-example losses and measurements. Subclass for custom batches."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example training loss, shape ``(B,)``."""
+
+    def measurement(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Per-example attributed quantity of a query, shape ``(B,)``; default: the loss."""
+        return self.loss(model, batch)
+
+    def num_examples(self, batch: Any) -> int:
+        """Number of examples in ``batch``: the leading size of its first tensor."""
+        leaves, _ = tree_flatten(batch)
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+                return int(leaf.shape[0])
+        raise BatchFormatError(
+            f"{type(self).__name__} could not find a tensor with a batch dimension in the batch "
+            f"({_describe(batch)}). Yield tensors from the loader, or override num_examples()."
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class OutputTask(Task):
+    """A task whose loss is ``output_loss(forward(model, batch), targets(batch), batch)``.
+
+    The split lets curvatures form Gauss-Newton products ``Jᵀ H_out J`` and the true Fisher
+    (targets drawn from the model's predictive distribution by :meth:`sample_targets`).
+    """
+
+    @abstractmethod
+    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Model outputs of the batch, batch-first."""
+
+    @abstractmethod
+    def targets(self, batch: Any) -> torch.Tensor:
+        """The batch's targets, in the form :meth:`output_loss` takes."""
+
+    @abstractmethod
+    def output_loss(self, outputs: torch.Tensor, targets: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Per-example loss ``(B,)`` from outputs and targets."""
+
+    @abstractmethod
+    def sample_targets(
+        self, outputs: torch.Tensor, batch: Any, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Targets drawn from the model's predictive distribution at ``outputs``."""
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.output_loss(self.forward(model, batch), self.targets(batch), batch)
+
+
+_INPUT_KEYS = ("x", "input", "inputs", "features", "pixel_values")
+_TARGET_KEYS = ("y", "label", "labels", "target", "targets")
+
+
+class _SupervisedTask(OutputTask):
+    """Shared batch reading for ``(x, y)`` / ``{"x": ..., "y": ...}`` batches."""
+
+    def __init__(self, input_key: str | None = None, target_key: str | None = None):
+        self.input_key = input_key
+        self.target_key = target_key
+
+    def _split(self, batch: Any) -> tuple[Any, torch.Tensor]:
+        if isinstance(batch, Mapping):
+            x_key = self.input_key or next((k for k in _INPUT_KEYS if k in batch), None)
+            y_key = self.target_key or next((k for k in _TARGET_KEYS if k in batch), None)
+            if x_key not in batch or y_key not in batch:
+                raise BatchFormatError(
+                    f"{type(self).__name__} could not read a {_describe(batch)}: expected an "
+                    f"input key (one of {_INPUT_KEYS}) and a target key (one of {_TARGET_KEYS}). "
+                    "Pass input_key=... and target_key=... to name yours."
+                )
+            return batch[x_key], batch[y_key]
+        if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2:
+            return batch[0], batch[1]
+        raise BatchFormatError(
+            f"{type(self).__name__} could not read a batch of type {_describe(batch)}: expected "
+            "(inputs, targets) as a tuple/list of length 2 or a dict with input and target keys. "
+            "Write a custom Task subclass for other batch structures."
+        )
+
+    def forward(self, model, batch):
+        x, _ = self._split(batch)
+        return model(x)
+
+    def targets(self, batch):
+        return self._split(batch)[1]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(input_key={self.input_key!r}, target_key={self.target_key!r})"
+
+
+class ClassificationTask(_SupervisedTask):
+    """Cross-entropy classification: ``ℓ = −log softmax(f(x))_y``.
+
+    Batches are ``(x, y)`` or dicts with input/target keys; ``y`` holds class indices.
+    ``measurement="loss"`` (default) or ``"margin"``: the query's logit margin
+    ``f_y − logsumexp_{c≠y} f_c``, whose *negative* is attributed so that positive scores
+    still mean "helpful" (raising the margin lowers the negative margin).
+
+    Examples:
+        >>> import torch
+        >>> task = ClassificationTask()
+        >>> model = torch.nn.Linear(3, 4)
+        >>> task.loss(model, (torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0]))).shape
+        torch.Size([5])
+    """
+
+    def __init__(self, measurement: str = "loss", input_key=None, target_key=None):
+        super().__init__(input_key, target_key)
+        if measurement not in ("loss", "margin"):
+            raise ValueError(
+                f"Invalid measurement {measurement!r}. Supported: ('loss', 'margin')."
+            )
+        self.measurement_kind = measurement
+
+    def output_loss(self, outputs, targets, batch):
+        if outputs.dim() != 2:
+            raise BatchFormatError(
+                f"ClassificationTask expects model outputs of shape (B, num_classes); got "
+                f"{tuple(outputs.shape)}. Use LanguageModelingTask for sequence outputs."
+            )
+        return F.cross_entropy(outputs, targets.long(), reduction="none")
+
+    def sample_targets(self, outputs, batch, generator=None):
+        probs = torch.softmax(outputs.detach(), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def measurement(self, model, batch):
+        if self.measurement_kind == "loss":
+            return self.loss(model, batch)
+        logits = self.forward(model, batch)
+        y = self.targets(batch).long()
+        correct = logits.gather(-1, y[:, None]).squeeze(-1)
+        others = logits.scatter(-1, y[:, None], float("-inf"))
+        return -(correct - torch.logsumexp(others, dim=-1))
+
+    def __repr__(self) -> str:
+        return f"ClassificationTask(measurement={self.measurement_kind!r})"
+
+
+class RegressionTask(_SupervisedTask):
+    """Squared error ``ℓ = ½ ‖f(x) − y‖²`` summed over output dimensions.
+
+    The ``½`` makes the output-space Hessian the identity, so the Gauss-Newton matrix is
+    ``JᵀJ``. ``y`` may be ``(B,)`` for a single output.
+    """
+
+    def output_loss(self, outputs, targets, batch):
+        targets = targets.to(outputs.dtype)
+        if targets.shape != outputs.shape:
+            targets = targets.reshape(outputs.shape)
+        return 0.5 * (outputs - targets).pow(2).reshape(outputs.shape[0], -1).sum(-1)
+
+    def sample_targets(self, outputs, batch, generator=None):
+        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype)
+        return outputs.detach() + noise.to(outputs.device)
+
+
+class LanguageModelingTask(OutputTask):
+    """Next-token cross-entropy summed over non-padding target tokens of each example.
+
+    Batches are dicts as HuggingFace produces them: ``input_ids (B, T)``, optional
+    ``attention_mask (B, T)`` and optional ``labels (B, T)`` with ``-100`` ignored. Without
+    labels, the targets are ``input_ids`` with padding (mask 0) ignored. Logits at position
+    ``t`` predict the label at ``t + 1``. The model is called as
+    ``model(input_ids=..., attention_mask=...)`` and may return logits or an object with
+    ``.logits`` (HuggingFace).
+    """
+
+    def __init__(self, pass_attention_mask: bool = True):
+        self.pass_attention_mask = pass_attention_mask
+
+    def _check(self, batch):
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise BatchFormatError(
+                f"LanguageModelingTask could not read a {_describe(batch)}: expected a dict with "
+                "'input_ids' (B, T) and optionally 'attention_mask' and 'labels' (-100 ignored), "
+                "as a HuggingFace data collator produces."
+            )
+
+    def forward(self, model, batch):
+        self._check(batch)
+        kwargs = {"input_ids": batch["input_ids"]}
+        if self.pass_attention_mask and "attention_mask" in batch:
+            kwargs["attention_mask"] = batch["attention_mask"]
+        out = model(**kwargs)
+        return out.logits if hasattr(out, "logits") else out
+
+    def targets(self, batch):
+        self._check(batch)
+        if "labels" in batch:
+            labels = batch["labels"]
+        else:
+            labels = batch["input_ids"]
+            if "attention_mask" in batch:
+                labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+        return labels[:, 1:]
+
+    def output_loss(self, outputs, targets, batch):
+        logits = outputs[:, :-1]
+        losses = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1).long(),
+            ignore_index=-100,
+            reduction="none",
+        )
+        return losses.reshape(targets.shape).sum(-1)
+
+    def sample_targets(self, outputs, batch, generator=None):
+        targets = self.targets(batch)
+        probs = torch.softmax(outputs[:, :-1].detach(), dim=-1)
+        flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        sampled = flat.reshape(targets.shape)
+        return torch.where(targets == -100, targets, sampled)
+
+    def token_mask(self, batch) -> torch.Tensor:
+        """``(B, T-1)`` boolean mask of the target tokens that count in the loss."""
+        return self.targets(batch) != -100
