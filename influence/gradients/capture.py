@@ -1,0 +1,217 @@
+"""Layer inputs and output gradients of ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding``.
+
+For these layers the per-example gradient factors through what flows in and out of the layer.
+With ``a_{t}`` the layer input at token ``t`` (for Conv2d: an unfolded input patch, Grosse &
+Martens 2016) and ``g_{t} = ∂ℓ/∂s_t`` the gradient of the example's loss with respect to the
+layer output ``s_t``::
+
+    ∇W ℓ = Σ_t g_t a_tᵀ        ∇b ℓ = Σ_t g_t
+
+and for an Embedding (``a_t`` one-hot of the token id) ``∇W ℓ = Σ_t onehot(id_t) g_tᵀ``.
+
+:class:`LayerCapture` records ``a`` and ``g`` for every supported layer in one forward and one
+backward pass that asks autograd only for gradients with respect to layer outputs, so **no
+parameter gradient is computed**. Kronecker-factored curvatures (covariances of ``a`` and
+``g``) and the fast per-example gradient path are built on it.
+
+Shapes (``B`` examples, ``T`` tokens per example; ``T = 1`` for a plain ``(B, d)`` input; a
+layer called several times in one forward contributes all calls' tokens):
+
+- ``inputs[name]``: ``(B, T, d_in)``, or ``(B, T)`` token ids for an Embedding;
+- ``output_grads[name]``: ``(B, T, d_out)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..exceptions import InfluenceError
+from ..params import ParameterLayout, module_name
+
+LAYER_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A supported layer whose weight is attributed."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    weight: str
+    bias: str | None
+
+    @property
+    def d_in(self) -> int:
+        m = self.module
+        if self.kind == "linear":
+            return m.in_features
+        if self.kind == "conv2d":
+            return m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+        return m.num_embeddings
+
+    @property
+    def d_out(self) -> int:
+        m = self.module
+        if self.kind == "linear":
+            return m.out_features
+        if self.kind == "conv2d":
+            return m.out_channels
+        return m.embedding_dim
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a Linear/Conv2d/Embedding cannot use the hook path (``None`` when it can)."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return "grouped convolution (groups != 1)"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+        if isinstance(module.padding, str) and module.padding != "valid":
+            return f"padding={module.padding!r}"
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            return "max_norm renormalises weights in place"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq couples the examples of a batch"
+    return None
+
+
+def supported_layers(model: nn.Module, layout: ParameterLayout) -> dict[str, LayerInfo]:
+    """The Linear/Conv2d/Embedding modules whose weight (and bias, if any) are attributed.
+
+    A module whose weight is attributed but whose bias is not (or the reverse) is left to the
+    generic path, so that every attributed parameter is covered exactly once.
+    """
+    attributed = set(layout.names)
+    layers: dict[str, LayerInfo] = {}
+    for name, module in model.named_modules():
+        kind = next((k for t, k in LAYER_KINDS.items() if type(module) is t), None)
+        if kind is None or unsupported_reason(module) is not None:
+            continue
+        prefix = f"{name}." if name else ""
+        weight = prefix + "weight"
+        bias = prefix + "bias" if getattr(module, "bias", None) is not None else None
+        if weight not in attributed:
+            continue
+        if bias is not None and bias not in attributed:
+            continue
+        layers[name] = LayerInfo(name, module, kind, weight, bias)
+    return layers
+
+
+def _tokens_in(info: LayerInfo, x: torch.Tensor) -> torch.Tensor:
+    m = info.module
+    if info.kind == "linear":
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    if info.kind == "conv2d":
+        padding = 0 if m.padding == "valid" else m.padding
+        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+        return patches.transpose(1, 2)
+    return x.reshape(x.shape[0], -1)
+
+
+def _tokens_out(info: LayerInfo, s: torch.Tensor) -> torch.Tensor:
+    if info.kind == "conv2d":
+        return s.flatten(2).transpose(1, 2)
+    return s.reshape(s.shape[0], -1, s.shape[-1])
+
+
+class LayerCapture:
+    """Records inputs and output gradients of the given layers over one forward/backward.
+
+    Usage::
+
+        with LayerCapture(layers) as cap:
+            losses = task.loss(model, batch)        # (B,) forward with hooks
+            cap.backward(losses)                    # gradients w.r.t. layer outputs only
+        a, g = cap.inputs["fc1"], cap.output_grads["fc1"]
+
+    ``backward`` may be given any per-example scalar function of the forward (e.g. the loss
+    with sampled targets for the true Fisher). Set ``need_inputs=False`` to skip storing
+    inputs (e.g. when only output gradients are needed).
+    """
+
+    def __init__(
+        self, layers: dict[str, LayerInfo], need_inputs: bool = True, batch_size: int | None = None
+    ):
+        self.layers = layers
+        self.batch_size = batch_size
+        self.need_inputs = need_inputs
+        self._handles: list = []
+        self._inputs: dict[str, list[torch.Tensor]] = {}
+        self._outputs: dict[str, list[torch.Tensor]] = {}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.output_grads: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> "LayerCapture":
+        for name, info in self.layers.items():
+            self._inputs[name], self._outputs[name] = [], []
+            self._handles.append(info.module.register_forward_hook(self._hook(name, info)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._outputs.clear()
+
+    def _hook(self, name: str, info: LayerInfo) -> Callable:
+        def hook(module, args, output):
+            if self.batch_size is not None and (output.dim() == 0 or output.shape[0] != self.batch_size):
+                raise InfluenceError(
+                    f"Layer {name!r} produced an output of shape {tuple(output.shape)} whose "
+                    f"first dimension is not the batch size {self.batch_size}: its gradient "
+                    "cannot be split per example from its inputs and outputs. Feed it "
+                    "batch-first inputs (e.g. expand position ids to (B, T)) or leave it out "
+                    "of the attributed parameters."
+                )
+            if self.need_inputs:
+                self._inputs[name].append(_tokens_in(info, args[0].detach()))
+            if not output.requires_grad:  # nothing upstream needs a gradient: make it a leaf
+                output = output.detach().requires_grad_(True)
+            self._outputs[name].append(output)
+            return output
+
+        return hook
+
+    def backward(self, losses: torch.Tensor) -> None:
+        """Gradients of ``losses.sum()`` with respect to each captured layer output."""
+        names = [n for n in self.layers if self._outputs.get(n)]
+        flat_outputs = [o for n in names for o in self._outputs[n]]
+        grads = torch.autograd.grad(losses.sum(), flat_outputs, allow_unused=True)
+        k = 0
+        for name in names:
+            info = self.layers[name]
+            parts = []
+            for out in self._outputs[name]:
+                g = grads[k] if grads[k] is not None else torch.zeros_like(out)
+                parts.append(_tokens_out(info, g.detach()))
+                k += 1
+            self.output_grads[name] = torch.cat(parts, dim=1)
+            if self.need_inputs:
+                self.inputs[name] = torch.cat(self._inputs[name], dim=1)
+
+
+def layer_grads(info: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Materialised per-example gradients ``{param_name: (B, *shape)}`` from ``a`` and ``g``."""
+    m = info.module
+    if info.kind == "embedding":
+        onehot = F.one_hot(a, m.num_embeddings).to(g.dtype)
+        if m.padding_idx is not None:
+            onehot[..., m.padding_idx] = 0
+        out = {info.weight: torch.einsum("btv,btd->bvd", onehot, g)}
+    else:
+        weight = torch.einsum("bto,bti->boi", g, a)
+        out = {info.weight: weight.reshape(g.shape[0], *m.weight.shape)}
+    if info.bias is not None:
+        out[info.bias] = g.sum(dim=1)
+    return out
+
+
+__all__ = ["LayerCapture", "LayerInfo", "layer_grads", "module_name", "supported_layers", "unsupported_reason"]
