@@ -176,3 +176,37 @@ def test_true_fisher_many_samples_approaches_ggn_for_one_linear_example():
     K = cur.matmat(torch.eye(12, dtype=DT))
     ggn = dense_ggn(model, ClassificationTask(), [(x, y)])
     assert (K - ggn).norm() / ggn.norm() < 0.05
+
+
+class _Shared(nn.Module):
+    """One Linear applied twice, one never used, and an Embedding with padding_idx."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(6, 3, padding_idx=0)
+        self.shared = nn.Linear(3, 3)
+        self.unused = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, ids):
+        h = self.emb(ids).mean(1)
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(h)))))
+
+
+def test_shared_unused_and_padding_idx_layers():
+    torch.manual_seed(0)
+    model = _Shared().to(DT).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 6, (5, 4), generator=g)
+    y = torch.randint(0, 2, (5,), generator=g)
+    loader = [(ids[:3], y[:3]), (ids[3:], y[3:])]
+    cur = EKFAC(fisher_type="empirical").fit(model, ClassificationTask(), loader)
+    assert {k: v["method"] for k, v in cur.coverage_.items()} == dict.fromkeys(["emb", "shared", "unused", "head"], "kronecker")
+    G = loop_grads(model, ClassificationTask().loss, (ids, y), list(cur.layout_.names))
+    for block in cur.blocks_:
+        rotated = block.rotate(block.to_matrix(G))
+        torch.testing.assert_close(block.eigenvalues, rotated.pow(2).mean(0))
+    unused = next(b for b in cur.blocks_ if b.info.name == "unused")
+    assert torch.equal(unused.eigenvalues, torch.zeros_like(unused.eigenvalues))
+    A, _ = fitted_factors(cur, "emb")
+    assert A[0] == 0 and A.sum() < 1  # padding_idx rows carry no gradient and no curvature

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._loader import iterate_batches
@@ -185,11 +184,11 @@ def kronecker_blocks(
     """Normalises the summed statistics and eigendecomposes them (float64): K-FAC blocks."""
     blocks = []
     for name, info in layers.items():
-        if f"{name}/A" not in stats:  # never ran: zero curvature
-            d_a = info.d_in + (info.bias is not None) if info.kind != "embedding" else info.d_in
-            zeros = torch.zeros(d_a, dtype=F64)
-            stats = {**stats, f"{name}/A": zeros if info.kind == "embedding" else torch.diag(zeros),
-                     f"{name}/A_count": torch.ones((), dtype=F64),
+        if f"{name}/A" not in stats:  # the layer never ran: its gradient and curvature are 0
+            d_a = info.d_in + (info.bias is not None and info.kind != "embedding")
+            zero_a = torch.zeros(d_a, dtype=F64)
+            stats = {**stats, f"{name}/A_count": torch.ones((), dtype=F64),
+                     f"{name}/A": zero_a if info.kind == "embedding" else torch.diag(zero_a),
                      f"{name}/S": torch.zeros(info.d_out, info.d_out, dtype=F64),
                      f"{name}/S_count": torch.ones((), dtype=F64)}
         A = stats[f"{name}/A"] / stats[f"{name}/A_count"].clamp_min(1)
@@ -211,11 +210,12 @@ def rotated_grads(block: KroneckerBlock, a: torch.Tensor, s: torch.Tensor) -> to
     """
     info = block.info
     s = s.to(F64) @ block.Q_S.to(s.device)
-    if info.kind == "embedding":
-        onehot = F.one_hot(a, info.d_in).to(F64)
+    if info.kind == "embedding":  # scatter token rows: no (B, T, vocab) one-hot
+        B, T, d = s.shape
+        out = s.new_zeros(B, info.d_in, d).scatter_add_(1, a[..., None].expand(B, T, d), s)
         if info.module.padding_idx is not None:
-            onehot[..., info.module.padding_idx] = 0
-        return torch.einsum("bto,btv->bov", s, onehot)
+            out[:, info.module.padding_idx] = 0
+        return out.transpose(1, 2)
     a = homogeneous(info, a.to(F64)) @ block.Q_A.to(a.device)
     return torch.einsum("bto,bti->boi", s, a)
 
