@@ -92,29 +92,37 @@ class KFAC(BlockCurvature):
         owner = type(self).__name__
         check_fisher_options(owner, self.fisher_type, self.num_samples, task)
         check_vmappable_modes(model)
-        layers = supported_layers(model, layout)
-        covered = {n for info in layers.values() for n in (info.weight, info.bias) if n}
-        rest = [n for n in layout.names if n not in covered]
-        methods = {n: "kronecker" for n in covered}
-        methods.update(resolve_fallback(owner, self.fallback, rest))
+        self._plan(model, layout)
         generator = make_generator(model, self.seed)
         options = (self.fisher_type, self.num_samples, generator)
-
+        layers = self._layers
         stats = collect_statistics(model, task, loader, layers, *options) if layers else {}
-        diagonal = [n for n in rest if methods[n] == "diagonal"]
+        diagonal = [n for n in layout.names if self._methods[n] == "diagonal"]
         if diagonal:
             sub = _sub_layout(layout, diagonal)
             stats["diagonal/sum"], stats["diagonal/count"] = fisher_diagonal_sums(
                 model, task, loader, sub, *options, chunk_size=self.chunk_size
             )
-        self._layers, self._methods, self._layout = layers, methods, layout
         self.statistics_ = stats
         self.blocks_ = self._build(stats)
         self._second_pass(model, task, loader, generator)
-        self.coverage_ = coverage_report(layout, methods)
         counts = [v for k, v in stats.items() if k.endswith("/S_count") or k == "diagonal/count"]
         self.num_examples_ = int(counts[0]) // self._samples() if counts else 0
         warn_fallback(owner, model, self.coverage_)
+
+    def _plan(self, model, layout) -> None:
+        """Which layers get Kronecker blocks and how the rest falls back (needs no data).
+
+        Sets ``_layers``, ``_methods`` (parameter → method), ``_layout`` and ``coverage_``;
+        with ``statistics_``, this is all :meth:`_build` needs (e.g. to restore a saved fit).
+        """
+        layers = supported_layers(model, layout)
+        covered = {n for info in layers.values() for n in (info.weight, info.bias) if n}
+        rest = [n for n in layout.names if n not in covered]
+        methods = {n: "kronecker" for n in covered}
+        methods.update(resolve_fallback(type(self).__name__, self.fallback, rest))
+        self._layers, self._methods, self._layout = layers, methods, layout
+        self.coverage_ = coverage_report(layout, methods)
 
     def _samples(self) -> int:
         return self.num_samples if self.fisher_type == "true" else 1
