@@ -189,3 +189,14 @@ def test_errors():
     xi, yi = zoo.image_data(n=2)
     with pytest.raises(InfluenceError, match="training mode.*model.eval"):
         KFAC().fit(bn, task, [(xi, yi)])
+
+
+@pytest.mark.parametrize("cls", [KFAC, Diagonal])
+def test_non_finite_statistics_name_the_examples(cls):
+    from influence import NonFiniteGradientError
+
+    model = zoo.mlp()
+    x, y = zoo.classification_data(n=6)
+    x[4, 0] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match=r"at indices \[4\]"):
+        cls(fisher_type="empirical").fit(model, ClassificationTask(), zoo.batches(x, y, 3))

@@ -24,6 +24,7 @@ from ..exceptions import InfluenceError
 from ..gradients.functional import per_sample_grads
 from ..params import ParameterLayout
 from ..tasks import OutputTask, Task
+from ._base import check_finite_statistics
 
 FISHER_TYPES = ("true", "empirical")
 
@@ -102,6 +103,7 @@ def fisher_diagonal_sums(
     """
     total = torch.zeros(layout.num_params, dtype=torch.float64)
     count = torch.zeros((), dtype=torch.float64)
+    offset = 0
     for batch in iterate_batches(loader, "train_loader"):
         if fisher_type == "empirical":
             draws = [(task, batch)]
@@ -115,6 +117,9 @@ def fisher_diagonal_sums(
             ]
         for draw_task, draw_batch in draws:
             G = per_sample_grads(model, draw_task, draw_batch, layout, chunk_size=chunk_size)
-            total = total.to(G.device) + G.double().pow(2).sum(0)
+            squares = G.double().pow(2).sum(0)
+            check_finite_statistics(squares, model, task, batch, layout, offset)
+            total = total.to(G.device) + squares
             count = count.to(G.device) + G.shape[0]
+        offset += task.num_examples(batch)
     return total, count

@@ -34,6 +34,7 @@ from .._loader import iterate_batches
 from ..gradients.capture import LayerCapture, LayerInfo
 from ..params import ParameterLayout
 from ..tasks import Task
+from ._base import check_finite_statistics
 from ._fisher import fisher_losses
 
 F64 = torch.float64
@@ -83,10 +84,13 @@ def collect_statistics(
     fisher_type: str,
     num_samples: int,
     generator: torch.Generator,
+    layout: ParameterLayout,
 ) -> dict[str, torch.Tensor]:
     """Sums and counts of ``A`` and ``S`` for every layer, one forward+backward per batch.
 
     Only gradients with respect to layer outputs are computed (no parameter gradients).
+    A batch with NaN/inf statistics raises, naming the offending examples (``layout`` is used
+    only then, to find them).
     """
     stats: dict[str, torch.Tensor] = {}
 
@@ -94,9 +98,11 @@ def collect_statistics(
         value = torch.as_tensor(value, dtype=F64)
         stats[key] = stats[key] + value.to(stats[key].device) if key in stats else value.clone()
 
+    offset = 0
     for batch in iterate_batches(loader, "train_loader"):
         n = task.num_examples(batch)
         mask = token_mask(batch)
+        sums = []
         with LayerCapture(dict(layers), batch_size=n) as cap:
             losses = fisher_losses(model, task, batch, fisher_type, num_samples, generator)
             for k, loss in enumerate(losses):
@@ -105,12 +111,16 @@ def collect_statistics(
                     if name not in cap.output_grads:
                         continue  # the layer did not run in this forward
                     s = cap.output_grads[name].to(F64).reshape(-1, info.d_out)
+                    sums.append(s.sum())
                     add(f"{name}/S", s.T @ s)
                     add(f"{name}/S_count", n)
                     if k == 0:
                         A, tokens = input_statistics(info, cap.inputs[name], mask)
                         add(f"{name}/A", A)
                         add(f"{name}/A_count", tokens)
+        if sums:
+            check_finite_statistics(torch.stack(sums), model, task, batch, layout, offset)
+        offset += n
     return stats
 
 

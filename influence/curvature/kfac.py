@@ -96,7 +96,7 @@ class KFAC(BlockCurvature):
         generator = make_generator(model, self.seed)
         options = (self.fisher_type, self.num_samples, generator)
         layers = self._layers
-        stats = collect_statistics(model, task, loader, layers, *options) if layers else {}
+        stats = collect_statistics(model, task, loader, layers, *options, layout) if layers else {}
         diagonal = [n for n in layout.names if self._methods[n] == "diagonal"]
         if diagonal:
             sub = _sub_layout(layout, diagonal)
