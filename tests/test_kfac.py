@@ -4,6 +4,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import zoo
@@ -200,3 +202,48 @@ def test_non_finite_statistics_name_the_examples(cls):
     x[4, 0] = float("nan")
     with pytest.raises(NonFiniteGradientError, match=r"at indices \[4\]"):
         cls(fisher_type="empirical").fit(model, ClassificationTask(), zoo.batches(x, y, 3))
+
+
+class _Tokens(nn.Module):
+    """A Linear over (B, T, d) inputs whose loss sums over tokens: K-FAC's token convention."""
+
+    def __init__(self, d_in, d_out, bias):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out, bias=bias)
+
+    def forward(self, x):
+        return self.fc(x).sum(1)
+
+
+
+@settings(max_examples=8, deadline=None)
+@given(d_in=st.integers(1, 3), d_out=st.integers(2, 3), T=st.integers(1, 3), bias=st.booleans(),
+       n=st.integers(1, 4), batch=st.integers(1, 4), seed=st.integers(0, 99))
+def test_kfac_shapes_tokens_and_batching(d_in, d_out, T, bias, n, batch, seed):
+    torch.manual_seed(seed)
+    model = _Tokens(d_in, d_out, bias).to(DT).eval()
+    x = torch.randn(n, T, d_in, dtype=DT)
+    y = torch.randint(0, d_out, (n,))
+    cur = EKFAC(fisher_type="empirical", damping=0.1).fit(model, ClassificationTask(), zoo.batches(x, y, batch))
+    a = torch.cat([x, torch.ones(n, T, 1, dtype=DT)], -1) if bias else x
+    A = torch.einsum("bti,btj->ij", a, a) / (n * T)
+    torch.testing.assert_close(cur.statistics_["fc/A"] / cur.statistics_["fc/A_count"], A)
+    V = torch.randn(2, cur.layout_.num_params, dtype=DT)
+    torch.testing.assert_close(cur.solve(cur.matmat(V)), V)
+    F = dense_fisher(model, ClassificationTask(), [(x, y)])
+    E, K = dense(cur), dense(KFAC(fisher_type="empirical").fit(model, ClassificationTask(), [(x, y)]))
+    assert (E - F).norm() <= (K - F).norm() + 1e-10
+    if n == 1 and T == 1:
+        torch.testing.assert_close(K, F)
+
+
+def test_estimator_scores_with_ekfac_equal_manual_preconditioning():
+    from influence import InfluenceEstimator, per_sample_grads
+
+    model, task, loader = problems()["cnn"]
+    with pytest.warns(FallbackWarning):
+        est = InfluenceEstimator(EKFAC(damping=0.1), task, score_dtype=DT).fit(model, loader)
+    scores = est.pairwise_scores(loader[:1])
+    Gq = per_sample_grads(model, task, loader[0], objective="measurement")
+    Gt = torch.cat([per_sample_grads(model, task, b) for b in loader])
+    torch.testing.assert_close(scores, est.curvature_.solve(Gq) @ Gt.T)
