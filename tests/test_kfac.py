@@ -247,3 +247,25 @@ def test_estimator_scores_with_ekfac_equal_manual_preconditioning():
     Gq = per_sample_grads(model, task, loader[0], objective="measurement")
     Gt = torch.cat([per_sample_grads(model, task, b) for b in loader])
     torch.testing.assert_close(scores, est.curvature_.solve(Gq) @ Gt.T)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(torch.tanh(self.emb(input_ids)))
+
+
+def test_tied_weights_fall_back_to_the_exact_diagonal():
+    torch.manual_seed(0)
+    model = _Tied().to(DT).eval()
+    batch = {"input_ids": torch.randint(0, 5, (3, 4))}
+    task = LanguageModelingTask()
+    with pytest.warns(FallbackWarning, match="emb .Embedding, weight tied to another module"):
+        cur = KFAC(fisher_type="empirical").fit(model, task, [batch])
+    assert cur.coverage_ == {"emb": {"method": "diagonal", "parameters": ("emb.weight",), "num_params": 15}}
+    torch.testing.assert_close(cur.blocks_[0].diagonal, torch.diagonal(dense_fisher(model, task, [batch])))

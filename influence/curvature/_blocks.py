@@ -121,7 +121,9 @@ def coverage_report(layout: ParameterLayout, methods: Mapping[str, str]) -> dict
     return report
 
 
-def warn_fallback(owner: str, model: nn.Module, report: Mapping[str, dict]) -> None:
+def warn_fallback(
+    owner: str, model: nn.Module, report: Mapping[str, dict], reasons: Mapping[str, str] = {}
+) -> None:
     """One :class:`FallbackWarning` listing every module not covered by a Kronecker block."""
     from ..gradients.capture import unsupported_reason
 
@@ -133,7 +135,7 @@ def warn_fallback(owner: str, model: nn.Module, report: Mapping[str, dict]) -> N
     for key, entry in fell.items():
         module = modules.get(key)
         kind = type(module).__name__ if module is not None else "parameter"
-        reason = unsupported_reason(module) if module is not None else None
+        reason = reasons.get(key) or (unsupported_reason(module) if module is not None else None)
         why = f", {reason}" if reason else ""
         parts.append(f"{key or '<root>'} ({kind}{why}, {entry['num_params']} params) -> {entry['method']}")
     warnings.warn(

@@ -108,7 +108,7 @@ class KFAC(BlockCurvature):
         self._second_pass(model, task, loader, generator)
         counts = [v for k, v in stats.items() if k.endswith("/S_count") or k == "diagonal/count"]
         self.num_examples_ = int(counts[0]) // self._samples() if counts else 0
-        warn_fallback(owner, model, self.coverage_)
+        warn_fallback(owner, model, self.coverage_, self._reasons)
 
     def _plan(self, model, layout) -> None:
         """Which layers get Kronecker blocks and how the rest falls back (needs no data).
@@ -117,6 +117,12 @@ class KFAC(BlockCurvature):
         with ``statistics_``, this is all :meth:`_build` needs (e.g. to restore a saved fit).
         """
         layers = supported_layers(model, layout)
+        tied = _tied_parameter_ids(model)
+        self._reasons = {}
+        for name, info in list(layers.items()):
+            if any(id(p) in tied for p in info.module.parameters(recurse=False)):
+                del layers[name]  # its gradient also flows through another module
+                self._reasons[name] = "weight tied to another module"
         covered = {n for info in layers.values() for n in (info.weight, info.bias) if n}
         rest = [n for n in layout.names if n not in covered]
         methods = {n: "kronecker" for n in covered}
@@ -216,6 +222,14 @@ class EKFAC(KFAC):
         if key in stats:
             block.eigenvalues = stats[key] / stats[f"{key}_count"].clamp_min(1)
         return block
+
+
+def _tied_parameter_ids(model) -> set[int]:
+    """Ids of parameter tensors registered under more than one name (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, c in seen.items() if c > 1}
 
 
 def _sub_layout(layout: ParameterLayout, names: list[str]) -> ParameterLayout:
