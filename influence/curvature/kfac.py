@@ -107,7 +107,7 @@ class KFAC(BlockCurvature):
         self.blocks_ = self._build(stats)
         self._second_pass(model, task, loader, generator)
         counts = [v for k, v in stats.items() if k.endswith("/S_count") or k == "diagonal/count"]
-        self.num_examples_ = int(counts[0]) // self._samples() if counts else 0
+        self.num_examples_ = int(max(counts)) // self._samples() if counts else 0
         warn_fallback(owner, model, self.coverage_, self._reasons)
 
     def _plan(self, model, layout) -> None:
