@@ -4,9 +4,19 @@ Score convention: ``score[i, j] = ∇m(z_test_i)ᵀ (C + λI)⁻¹ ∇ℓ(z_trai
 training example ``j`` helps query ``i`` (up-weighting it lowers the query's loss).
 """
 
+from . import evaluation
 from ._params_base import clone
+from .baselines import (
+    BASELINES,
+    TRAK,
+    Baseline,
+    GradientSimilarity,
+    RepresentationSimilarity,
+    TracIn,
+)
 from .curvature import CURVATURES, Curvature, Exact, Identity
 from .estimator import InfluenceEstimator
+from .evaluation import DiagnosticReport, diagnose
 from .exceptions import (
     BatchFormatError,
     ConvergenceWarning,
@@ -32,6 +42,17 @@ __all__ = [
     "Curvature",
     "Exact",
     "Identity",
+    # baselines
+    "BASELINES",
+    "Baseline",
+    "RepresentationSimilarity",
+    "GradientSimilarity",
+    "TracIn",
+    "TRAK",
+    # evaluation
+    "evaluation",
+    "diagnose",
+    "DiagnosticReport",
     # tasks
     "Task",
     "OutputTask",
