@@ -106,9 +106,9 @@ class DiagnosticReport:
             f"{self.num_params} parameters, {self.curvature}",
             "",
             "convergence",
-            f"  |mean training gradient|        {self.gradient_norm:.3e}",
-            f"  mean |example gradient|          {self.mean_example_gradient_norm:.3e}",
-            f"  ratio                            {self.gradient_norm_ratio:.3e}",
+            f"  {'|mean training gradient|':<33}{self.gradient_norm:.3e}",
+            f"  {'mean |example gradient|':<33}{self.mean_example_gradient_norm:.3e}",
+            f"  {'ratio':<33}{self.gradient_norm_ratio:.3e}",
             "",
             "iHVP error against reference",
         ]
