@@ -50,6 +50,8 @@ def test_gradient_dot_matches_oracle_and_identity_estimator(setup):
     est = InfluenceEstimator(Identity(), score_dtype=DT).fit(model, train)
     torch.testing.assert_close(sim.pairwise_scores(test), est.pairwise_scores(test))
     torch.testing.assert_close(sim.self_scores(), est.self_scores())
+    for a, b in zip(sim.top_k(test, 4), est.top_k(test, 4)):  # the shared streaming top-k
+        torch.testing.assert_close(a, b)
 
 
 def test_gradient_cosine_matches_oracle(setup):
