@@ -130,5 +130,7 @@ def test_errors(trained):
     est = InfluenceEstimator(Exact(damping=1e-3)).fit(model, train)
     with pytest.raises(ValueError, match=r"Unknown thresholds \['dominance'\]"):
         diagnose(est, test, thresholds={"dominance": 0.5})
+    with pytest.raises(TypeError, match=r"needs an InfluenceEstimator .* Pass baselines to compare"):
+        diagnose(influence.GradientSimilarity().fit(model, train), test)
     with pytest.raises(ValueError, match="Invalid compare 'all'"):
         diagnose(est, test, compare="all")

@@ -266,8 +266,13 @@ def diagnose(
         >>> report.ihvp["mean_relative_error"] < 1e-8
         True
     """
-    from ..baselines import GradientSimilarity
+    from ..baselines import Baseline, GradientSimilarity
 
+    if isinstance(estimator, Baseline):
+        raise TypeError(
+            f"diagnose() needs an InfluenceEstimator (it checks the curvature); got the baseline "
+            f"{type(estimator).__name__}. Pass baselines to compare=[...] instead."
+        )
     check_is_fitted(estimator, "curvature_", "diagnose()")
     estimator._check_model("diagnose()")
     limits = {**THRESHOLDS, **(thresholds or {})}
