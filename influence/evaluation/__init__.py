@@ -3,7 +3,8 @@ metrics, iHVP error, and the :func:`diagnose` trust report."""
 
 from .class_metrics import cover, top1_accuracy
 from .detection import precision_at_k, recall_at_k, roc_auc
-from .diagnose import THRESHOLDS, DiagnosticReport, diagnose
+from .diagnose import THRESHOLDS, diagnose
+from .report import DiagnosticReport
 from .ihvp import IHVPError, ihvp_error
 from .lds import (
     CorrelationResult,
