@@ -134,3 +134,21 @@ def test_errors(trained):
         diagnose(influence.GradientSimilarity().fit(model, train), test)
     with pytest.raises(ValueError, match="Invalid compare 'all'"):
         diagnose(est, test, compare="all")
+
+
+def test_auto_reference_uses_tight_cg_when_registered(monkeypatch):
+    """Stand-in for issue 3's CG: the wiring picks ``influence.curvature.CG`` for large P."""
+
+    class CG(Exact):
+        def __init__(self, damping=1e-3, rtol=1e-4, max_iter=10):
+            super().__init__(damping=damping, curvature_type="ggn")
+            self.rtol, self.max_iter = rtol, max_iter
+
+    monkeypatch.setattr(influence.curvature, "CG", CG, raising=False)
+    model = mlp(d_in=3, hidden=(4,), d_out=2)
+    x = torch.randn(10, 3, dtype=DT)
+    y = torch.arange(10) % 2
+    est = InfluenceEstimator(Identity(damping=0.1), score_dtype=DT).fit(model, [(x, y)])
+    report = diagnose(est, [(x[:4], y[:4])], k=2, max_reference_params=12, compare=None)
+    assert report.ihvp["reference"] == "CG(rtol=1e-10, max_iter=10000)"
+    assert report.ihvp["scope"] == "all attributed parameters" and report.ihvp["num_params"] == 26

@@ -90,6 +90,16 @@ def _ihvp_report(estimator, Q, train, reference, max_params) -> tuple[dict, Curv
         return _ihvp_row(type(reference).__name__, estimator.layout_.num_params, "all attributed parameters", err), ref
     ctype = getattr(cur, "curvature_type", None)
     ctype = ctype if ctype is not None else ("ggn" if isinstance(estimator.task_, OutputTask) else "hessian")
+    if estimator.layout_.num_params > max_params and type(cur).__name__ != "CG":
+        tight = _tight_cg(cur.damping)
+        if tight is not None:  # CG to a tight tolerance on all parameters, when available
+            try:
+                ref = tight.fit(estimator.model_, estimator.task_, train, estimator.layout_)
+                err = ihvp_error(cur, ref, Q)
+                row = _ihvp_row(_describe_cg(tight), estimator.layout_.num_params, "all attributed parameters", err)
+                return row, ref
+            except Exception:  # noqa: BLE001 - fall back to Exact on a parameter subset
+                pass
     sub, block, scope = _reference_scope(estimator.layout_, max_params)
     if sub is None:
         return {"skipped": f"no module block has <= {max_params} parameters (max_reference_params)"}, None
@@ -102,6 +112,25 @@ def _ihvp_report(estimator, Q, train, reference, max_params) -> tuple[dict, Curv
     except InfluenceError as error:
         return {"skipped": f"reference failed: {str(error).splitlines()[0]}"}, None
     return _ihvp_row(f"Exact({ctype!r})", sub.num_params, scope, err), ref if full else None
+
+
+def _tight_cg(damping: float) -> Curvature | None:
+    """A ``CG`` curvature (from the registry, when installed) with its tolerances tightened."""
+    from .. import curvature
+
+    CG = getattr(curvature, "CG", None)
+    if CG is None:
+        return None
+    cg = CG(damping=damping)
+    known = cg.get_params(deep=False)
+    tight = {"rtol": 1e-10, "tol": 1e-10, "atol": 0.0, "max_iter": 10_000}
+    return cg.set_params(**{k: v for k, v in tight.items() if k in known})
+
+
+def _describe_cg(cg: Curvature) -> str:
+    known = cg.get_params(deep=False)
+    shown = ", ".join(f"{k}={known[k]!r}" for k in ("rtol", "tol", "max_iter") if k in known)
+    return f"CG({shown})"
 
 
 def _ihvp_row(name, num_params, scope, err) -> dict:
@@ -134,8 +163,9 @@ def diagnose(
         test_loader: the queries to diagnose (a few dozen to a few hundred is enough).
         train_loader: training data; default the one given to ``fit``.
         reference: ``"auto"`` (``Exact`` with the curvature's ``curvature_type``, or GGN, on all
-            attributed parameters if ``P <= max_reference_params``, else both the estimator's
-            curvature and ``Exact`` refitted on the last module block that fits), a
+            attributed parameters if ``P <= max_reference_params``; else ``CG`` with tight
+            tolerances on all parameters when ``influence.curvature.CG`` exists; else both the
+            estimator's curvature and ``Exact`` refitted on the last module block that fits), a
             :class:`Curvature` instance fitted on all attributed parameters (e.g. CG with a tight
             tolerance), or ``None`` to skip.
         compare: methods to compare rankings with: ``"auto"`` (gradient dot product and
