@@ -87,6 +87,9 @@ def test_flags_a_planted_dominant_example():
     assert any(f.startswith("dominant example: training example #7 is top-1 for 12 of 12") for f in report.flags)
     assert any(f.startswith("not converged") for f in report.flags)
     assert report.ihvp == {"skipped": "reference=None"}
+    other = diagnose(est, queries, k=3, reference=None, compare=[InfluenceEstimator(Identity(damping=2.0))])
+    assert other.agreement[0]["method"] == "InfluenceEstimator(Identity)"
+    assert other.agreement[0]["spearman"] == pytest.approx(1.0)  # damping only rescales Identity
     quiet = diagnose(est, queries, k=3, reference=None, compare=None, thresholds={"dominance_share": 1.01})
     assert not any(f.startswith("dominant") for f in quiet.flags) and quiet.agreement == []
 
