@@ -8,7 +8,6 @@ import torch
 
 import influence
 from influence import (
-    ClassificationTask,
     Curvature,
     Exact,
     Identity,

@@ -9,7 +9,6 @@ regularised model further than a first-order expansion follows. The Hessian of t
 ``H + λI`` with ``H`` the Hessian of the mean loss: ``Exact(damping=λ)`` is the exact influence.
 """
 
-import numpy as np
 import pytest
 import torch
 

@@ -27,7 +27,7 @@ from ..curvature._base import check_instance
 from ..estimator import check_finite
 from ..exceptions import ModelChangedError
 from ..gradients.functional import per_sample_grads
-from ..params import ParamSpec, parameter_fingerprint, select_parameters
+from ..params import parameter_fingerprint, select_parameters
 from ..tasks import ClassificationTask, Task
 
 #: Roles of a features call: query side (measurement), training side (loss), and the query
