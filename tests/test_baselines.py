@@ -206,3 +206,11 @@ def test_estimator_contract(setup, method):
         changed[0].weight.add_(1.0)
     with pytest.raises(ModelChangedError, match="Call fit"):
         fresh.pairwise_scores(test)
+
+
+def test_non_finite_gradients_are_reported(setup):
+    model, train, test, tr, te = setup
+    bad = [(tr[0].clone(), tr[1])]
+    bad[0][0][2] = float("nan")
+    with pytest.raises(Exception, match=r"NaN or inf gradients for 1 train \(indices within the batch\) example\(s\) at indices \[2\]"):
+        GradientSimilarity().fit(model, bad).self_scores()

@@ -152,7 +152,8 @@ class GradientBaseline(Baseline):
     def _grads(self, model: nn.Module, batch: Any, role: str) -> torch.Tensor:
         objective = "measurement" if role == "query" else "loss"
         G = per_sample_grads(model, self.task_, batch, self.params, self.chunk_size, objective)
-        check_finite(G, 0, "test" if role == "query" else "train")
+        side = "test" if role == "query" else "train"
+        check_finite(G, 0, f"{side} (indices within the batch)")
         return G
 
 
