@@ -214,3 +214,17 @@ def test_non_finite_gradients_are_reported(setup):
     bad[0][0][2] = float("nan")
     with pytest.raises(Exception, match=r"NaN or inf gradients for 1 train \(indices within the batch\) example\(s\) at indices \[2\]"):
         GradientSimilarity().fit(model, bad).self_scores()
+
+
+def test_pool_left_padding_no_mask_and_shapes():
+    from influence.baselines.representation import pool
+
+    H = torch.arange(2 * 4 * 1, dtype=DT).reshape(2, 4, 1)
+    left = {"attention_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])}
+    assert pool(H, left, "last")[:, 0].tolist() == [3.0, 7.0]
+    assert pool(H, left, "mean")[:, 0].tolist() == [2.5, 5.5]
+    assert pool(H, (None,), "mean")[:, 0].tolist() == [1.5, 5.5]  # no mask: every token
+    flat = torch.randn(3, 5, dtype=DT)
+    assert pool(flat, None, "last") is flat
+    with pytest.raises(Exception, match=r"Representations must be \(B, D\) or \(B, T, D\)"):
+        pool(torch.zeros(1, 2, 3, 4), None, "mean")
