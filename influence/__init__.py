@@ -4,9 +4,19 @@ Score convention: ``score[i, j] = ∇m(z_test_i)ᵀ (C + λI)⁻¹ ∇ℓ(z_trai
 training example ``j`` helps query ``i`` (up-weighting it lowers the query's loss).
 """
 
+from . import evaluation
 from ._params_base import clone
 from .curvature import CURVATURES, EKFAC, KFAC, Curvature, Diagonal, Exact, Identity
+from .baselines import (
+    BASELINES,
+    TRAK,
+    Baseline,
+    GradientSimilarity,
+    RepresentationSimilarity,
+    TracIn,
+)
 from .estimator import InfluenceEstimator
+from .evaluation import DiagnosticReport, diagnose
 from .exceptions import (
     BatchFormatError,
     ConvergenceWarning,
@@ -35,6 +45,17 @@ __all__ = [
     "Diagonal",
     "KFAC",
     "EKFAC",
+    # baselines
+    "BASELINES",
+    "Baseline",
+    "RepresentationSimilarity",
+    "GradientSimilarity",
+    "TracIn",
+    "TRAK",
+    # evaluation
+    "evaluation",
+    "diagnose",
+    "DiagnosticReport",
     # tasks
     "Task",
     "OutputTask",

@@ -20,6 +20,7 @@ from torch import nn
 
 from ._loader import iterate_batches, warn_if_shuffled
 from ._params_base import ParamsMixin, check_is_fitted, clone
+from ._topk import check_k, streaming_top_k
 from .curvature._base import Curvature, check_instance
 from .curvature.identity import Identity
 from .exceptions import ModelChangedError, NonFiniteGradientError
@@ -173,23 +174,13 @@ class InfluenceEstimator(ParamsMixin):
             ``(values, indices)``, each ``(n_test, k)``, sorted from most to least extreme;
             indices count training examples in loader order.
         """
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be a positive integer; got {k!r}.")
+        check_k(k)
         factors = self.influence_factors(test_loader)
-        best_v = best_i = None
-        offset = 0
-        for G in self._gradients(self._train(train_loader), "loss", "train"):
-            s = factors @ G.to(factors.dtype).T
-            idx = torch.arange(offset, offset + s.shape[1], device=s.device).expand_as(s)
-            offset += s.shape[1]
-            if best_v is not None:
-                s, idx = torch.cat([best_v, s], 1), torch.cat([best_i, idx], 1)
-            kk = min(k, s.shape[1])
-            best_v, pos = torch.topk(s, kk, dim=1, largest=largest)
-            best_i = torch.gather(idx, 1, pos)
-        if best_v.shape[1] < k:
-            raise ValueError(f"k={k} exceeds the number of training examples ({best_v.shape[1]}).")
-        return best_v, best_i
+        blocks = (
+            factors @ G.to(factors.dtype).T
+            for G in self._gradients(self._train(train_loader), "loss", "train")
+        )
+        return streaming_top_k(blocks, k, largest)
 
     def _train(self, loader: Iterable[Any] | None) -> Iterable[Any]:
         if loader is None:
