@@ -42,6 +42,11 @@ def _demo_parser(sub) -> None:
     p.add_argument("--cache", default=None,
                    help="cache folder of the pretrained base model (default ~/.cache/influence "
                    "or $INFLUENCE_CACHE)")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="pretraining steps of the base model (default 600; --quick: 150)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often fastest on a "
+                   "busy shared machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="a tiny run: smaller data, fewer epochs, short pretraining")
@@ -64,6 +69,8 @@ def demo_config(args: argparse.Namespace):
                "scale": args.scale, "n_queries": args.queries}
     config = dataclasses.replace(config, **{k: tuple(v) if isinstance(v, list) else v
                                             for k, v in updates.items() if v is not None})
+    if args.pretrain_steps is not None:
+        config.pretrain = dataclasses.replace(config.pretrain, steps=args.pretrain_steps)
     if config.epochs < 1:
         raise SystemExit(f"--epochs must be >= 1; got {config.epochs}.")
     if not 0 < config.scale <= 1:
@@ -78,6 +85,10 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from .demo.report import summary, write_report
 
     config = demo_config(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     results = run_demo(config, cache_dir=args.cache, progress=not args.no_progress,
                        log=tqdm.write)
     print()
