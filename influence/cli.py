@@ -47,6 +47,8 @@ def _demo_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest on a "
                    "busy shared machine)")
+    p.add_argument("--lora", choices=("builtin", "peft"), default="builtin",
+                   help="LoRA implementation: the built-in wrapper (default) or peft (optional)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="a tiny run: smaller data, fewer epochs, short pretraining")
@@ -58,7 +60,7 @@ def demo_config(args: argparse.Namespace):
     from .demo.pipeline import DemoConfig
     from .demo.pretrain import PretrainConfig
 
-    config = DemoConfig(device=args.device, seed=args.seed)
+    config = DemoConfig(device=args.device, seed=args.seed, lora_backend=args.lora)
     if args.quick:
         config = dataclasses.replace(
             config, scale=0.05, n_queries=10, epochs=4, checkpoints=(2,),

@@ -93,3 +93,22 @@ def test_errors_name_the_fix():
         LoRALinear(torch.nn.Linear(2, 2), r=0)
     with pytest.raises(TypeError, match="wraps an nn.Linear"):
         LoRALinear(torch.nn.Conv1d(2, 2, 1))
+
+
+def test_peft_path_is_guarded():
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        from influence.lm import apply_peft_lora
+
+        with pytest.raises(ImportError, match="optional dependency peft"):
+            apply_peft_lora(tiny_lm())
+        return
+    from influence.lm import apply_peft_lora
+
+    model = apply_peft_lora(tiny_lm(), r=2, alpha=8, dropout=0.0).eval()
+    batch = lm_batch(labels=True)
+    layout = select_parameters(model, LORA_PARAMS)
+    assert layout.num_params == 2 * 2 * (2 * 8 + 8 * 2)
+    G = per_sample_grads(model, LanguageModelingTask(), batch, LORA_PARAMS)
+    assert G.shape == (4, layout.num_params)

@@ -24,7 +24,7 @@ import torch
 
 from ..estimator import InfluenceEstimator
 from ..gradients import per_sample_grads
-from ..lm import LORA_PARAMS, apply_lora
+from ..lm import LORA_PARAMS, apply_lora, apply_peft_lora
 from ..params import select_parameters
 from ..tasks import LanguageModelingTask
 from .data import make_batches
@@ -51,7 +51,9 @@ class DemoConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = ("*.q", "*.v")
+    lora_backend: str = "builtin"
     damping_ratio: float = 0.1
+    damping_sweep: tuple[float, ...] = (0.01, 1.0, 10.0, 100.0)
     curvature_type: str = "fisher"
     repsim_module: str = "ln_f"
     seed: int = 0
@@ -60,6 +62,20 @@ class DemoConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+LORA_BACKENDS = {"builtin": apply_lora, "peft": apply_peft_lora}
+
+
+def add_lora(model: torch.nn.Module, config: DemoConfig) -> torch.nn.Module:
+    """The study's adapters via the built-in wrapper or, with ``lora_backend="peft"``, peft."""
+    if config.lora_backend not in LORA_BACKENDS:
+        raise ValueError(
+            f"Invalid lora_backend {config.lora_backend!r}. Supported: {tuple(LORA_BACKENDS)}."
+        )
+    return LORA_BACKENDS[config.lora_backend](
+        model, config.lora_targets, config.lora_r, config.lora_alpha, config.lora_dropout
+    )
 
 
 def finetune_epoch(model, batches, optimizer, task, rng: random.Random) -> float:
@@ -107,6 +123,7 @@ class Attribution:
         self.G_train = torch.cat([per_sample_grads(model, self.task, b, self.layout) for b in train_batches])
         self.damping = relative_damping(self.G_train, config.damping_ratio)
         self.factors: dict[str, torch.Tensor] = {}
+        self.estimators: dict[str, InfluenceEstimator] = {}
 
     def scores(self, name: str) -> tuple[torch.Tensor, dict]:
         method = METHODS[name]
@@ -119,7 +136,24 @@ class Attribution:
         est.fit(self.model, self.train_batches)
         factors = est.influence_factors(self.test_batches).double()
         self.factors[name] = factors
+        self.estimators[name] = est
         return factors @ self.G_train.double().T, {"curvature": repr(curvature)}
+
+    def damping_sweep(self, name: str, ratios: Sequence[float]) -> dict[str, dict]:
+        """Metrics of a fitted method at other damping ratios (no refit: damping is solve-time)."""
+        if name not in self.estimators:
+            return {}
+        curvature = self.estimators[name].curvature_
+        G_test = torch.cat([per_sample_grads(self.model, self.task, b, self.layout,
+                                             objective="measurement") for b in self.test_batches])
+        train_y = [ex.label for ex in self.data.train]
+        test_y = [ex.label for ex in self.data.test]
+        out = {}
+        for ratio in ratios:
+            damping = relative_damping(self.G_train, ratio)
+            scores = curvature.solve(G_test, damping=damping).double() @ self.G_train.double().T
+            out[f"{ratio:g}"] = {"damping": damping, **class_metrics(scores.cpu(), train_y, test_y)}
+        return out
 
     def ihvp_errors(self, reference: str = "exact") -> dict[str, dict[str, float]]:
         """Per method: mean relative error ``‖x − x*‖/‖x*‖`` and mean cosine to ``exact``."""
@@ -178,8 +212,7 @@ def run_task(
     train_y = [ex.label for ex in data.train]
     test_y = [ex.label for ex in data.test]
     torch.manual_seed(config.seed)
-    model = apply_lora(copy.deepcopy(base_model), config.lora_targets, config.lora_r,
-                       config.lora_alpha, config.lora_dropout)
+    model = add_lora(copy.deepcopy(base_model), config)
     adapters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(adapters, lr=config.lr, weight_decay=0.0)
     task = LanguageModelingTask()
@@ -210,6 +243,7 @@ def run_task(
         "damping": attribution.damping,
         "methods": finals,
         "ihvp_error": attribution.ihvp_errors(),
+        "exact_damping_sweep": attribution.damping_sweep("exact", config.damping_sweep),
         "epochs": history,
         "seconds": time.perf_counter() - start,
     }

@@ -65,6 +65,19 @@ def epochs_table(results: dict) -> list[list[str]]:
     return rows
 
 
+def sweep_table(results: dict) -> list[list[str]]:
+    """Acc / Cover of ``exact`` as damping grows (large damping → gradient match)."""
+    ratios = sorted({r for t in results["tasks"] for r in t.get("exact_damping_sweep", {})}, key=float)
+    if not ratios:
+        return []
+    rows = [["task", *[f"ratio {r}" for r in ratios]]]
+    for t in results["tasks"]:
+        sweep = t.get("exact_damping_sweep", {})
+        rows.append([t["task"], *[f"{sweep[r]['acc']:.2f} / {sweep[r]['cover']:.2f}" if r in sweep
+                                  else "" for r in ratios]])
+    return rows
+
+
 def unavailable(results: dict) -> dict[str, str]:
     out = {}
     for t in results["tasks"]:
@@ -115,6 +128,10 @@ def write_report(results: dict, out: str | Path) -> Path:
         md += [f"## {title}", "", markdown_table(results_table(results, key)), ""]
     if ihvp_table(results):
         md += ["## iHVP error against exact", "", markdown_table(ihvp_table(results)), ""]
+    if sweep_table(results):
+        md += ["## Exact: Acc / Cover vs damping ratio", "",
+               f"The main tables use ratio {results['config']['damping_ratio']:g} "
+               "(λ = ratio · mean ‖∇ℓ‖² / P).", "", markdown_table(sweep_table(results)), ""]
     md += ["## Attribution quality vs fine-tuning epochs", "", markdown_table(epochs_table(results)), ""]
     missing = unavailable(results)
     if missing:

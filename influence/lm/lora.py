@@ -147,6 +147,45 @@ def apply_lora(
     return model
 
 
+def lora_target_names(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Names of the ``nn.Linear`` modules matching the glob pattern(s) ``targets``."""
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    return [
+        name for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and "lora_" not in name and _matches(name, patterns)
+    ]
+
+
+def apply_peft_lora(
+    model: nn.Module,
+    targets: str | Sequence[str] = ("*.q", "*.v"),
+    r: int = 4,
+    alpha: float = 32.0,
+    dropout: float = 0.1,
+) -> nn.Module:
+    """The same adapters through ``peft`` (optional dependency): returns a ``PeftModel``.
+
+    peft names the adapter weights ``...q.lora_A.default.weight``, so ``params="*lora_*"``
+    selects them as it selects ours.
+
+    Raises:
+        ImportError: when peft is not installed (``pip install "influence-estimation[hf]"``).
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError(
+            "apply_peft_lora needs the optional dependency peft, which is not installed. "
+            "Install it with pip install 'influence-estimation[hf]', or use apply_lora (no "
+            "dependency), which builds the same adapters."
+        ) from error
+    names = lora_target_names(model, targets)
+    if not names:
+        apply_lora(model, targets)  # raises the error listing the Linear layers
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names)
+    return get_peft_model(model, config)
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """The model's :class:`LoRALinear` modules by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
