@@ -112,3 +112,26 @@ def test_peft_path_is_guarded():
     assert layout.num_params == 2 * 2 * (2 * 8 + 8 * 2)
     G = per_sample_grads(model, LanguageModelingTask(), batch, LORA_PARAMS)
     assert G.shape == (4, layout.num_params)
+
+
+def test_hook_path_covers_the_adapters():
+    """lora_A / lora_B are plain nn.Linear: the layer-capture path (K-FAC, fast per-example
+    gradients) sees them and reproduces the loop oracle."""
+    from influence.gradients.capture import LayerCapture, layer_grads, supported_layers
+
+    model = lora_lm()
+    task = LanguageModelingTask()
+    batch = lm_batch(n=3, labels=True)
+    layout = select_parameters(model, LORA_PARAMS)
+    layers = supported_layers(model, layout)
+    assert sorted(layers) == sorted(
+        f"{name}.lora_{ab}" for name in lora_layers(model) for ab in "AB"
+    )
+    with LayerCapture(layers, batch_size=3) as cap:
+        cap.backward(task.loss(model, batch))
+    grads = {}
+    for name, info in layers.items():
+        grads.update(layer_grads(info, cap.inputs[name], cap.output_grads[name]))
+    G = layout.flatten(grads, batch_dims=1)
+    expected = loop_grads(model, task.loss, batch, list(layout.names))
+    torch.testing.assert_close(G, expected, rtol=1e-9, atol=1e-11)

@@ -53,7 +53,7 @@ class DemoConfig:
     lora_targets: tuple[str, ...] = ("*.q", "*.v")
     lora_backend: str = "builtin"
     damping_ratio: float = 0.1
-    damping_sweep: tuple[float, ...] = (0.01, 1.0, 10.0, 100.0)
+    damping_sweep: tuple[float, ...] = (1.0, 10.0, 100.0)
     curvature_type: str = "fisher"
     repsim_module: str = "ln_f"
     seed: int = 0
