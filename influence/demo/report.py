@@ -170,12 +170,13 @@ def _plots(results: dict, out: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    for t in tasks:
+    for i, t in enumerate(tasks):  # one color per task, one line style per method
         for m, style in (("identity", "-"), ("repsim", "--")):
             pts = [(h["epoch"], h["methods"][m]["acc"]) for h in t["epochs"]
                    if h.get("methods", {}).get(m, {}).get("status") == "ok"]
             if pts:
-                ax.plot(*zip(*pts), style, marker="o", label=f"{t['task']} {m}")
+                ax.plot(*zip(*pts), style, color=f"C{i % 10}", marker="o",
+                        label=f"{t['task']} {m}")
     ax.set_xlabel("fine-tuning epoch")
     ax.set_ylabel("Acc (top-1)")
     ax.set_ylim(0, 1.05)
