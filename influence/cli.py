@@ -8,7 +8,7 @@ by every available method. It prints the results and writes a report folder.
 Examples::
 
     influence demo                       # everything, default size (minutes on 2 CPU cores)
-    influence demo --quick               # a tiny run (under a minute)
+    influence demo --quick               # a tiny run (smaller data and base model)
     influence demo --task harmful --methods identity exact repsim --epochs 5 --out report
 """
 
@@ -28,9 +28,9 @@ def _demo_parser(sub) -> None:
     d = DemoConfig()
     p = sub.add_parser("demo", help="the study in miniature: tiny LM + LoRA, three task families",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", nargs="+", choices=tuple(FAMILIES), default=None,
+    p.add_argument("--task", nargs="+", choices=tuple(FAMILIES), default=None, metavar="TASK",
                    help=f"task families to run (default: all: {' '.join(FAMILIES)})")
-    p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None,
+    p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None, metavar="METHOD",
                    help=f"attribution methods (default: all: {' '.join(METHODS)}; those missing "
                    "from this install are reported as unavailable)")
     p.add_argument("--epochs", type=int, default=None, help=f"fine-tuning epochs (default {d.epochs})")

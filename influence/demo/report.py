@@ -33,9 +33,10 @@ def _methods_run(results: dict) -> list[str]:
 def results_table(results: dict, key: str = "acc") -> list[list[str]]:
     """Rows ``[task, n_train, chance, method...]`` of one metric (header first)."""
     methods = _methods_run(results)
-    rows = [["task", "n_train", "chance" if key != "auc" else "chance(0.5)", *methods]]
+    rows = [["task", "n_train", {"auc": "chance(0.5)", "seconds": "task total"}.get(key, "chance"),
+             *methods]]
     for t in results["tasks"]:
-        base = 0.5 if key == "auc" else t["chance"]
+        base = {"auc": 0.5, "seconds": t["seconds"]}.get(key, t["chance"])
         rows.append([t["task"], str(t["n_train"]), _fmt(base),
                      *[_cell(t["methods"].get(m), key) for m in methods]])
     return rows
@@ -126,6 +127,8 @@ def write_report(results: dict, out: str | Path) -> Path:
           "query's class. Scores on the LoRA parameters; positive = helpful.", ""]
     for key, title in (("acc", "Acc"), ("cover", "Cover"), ("auc", "AUC")):
         md += [f"## {title}", "", markdown_table(results_table(results, key)), ""]
+    md += ["## Seconds per method (fit + scoring, after fine-tuning)", "",
+           markdown_table(results_table(results, "seconds")), ""]
     if ihvp_table(results):
         md += ["## iHVP error against exact", "", markdown_table(ihvp_table(results)), ""]
     if sweep_table(results):
