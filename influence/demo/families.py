@@ -20,6 +20,7 @@ The ground truth of attribution is class membership; class names never appear in
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -315,12 +316,12 @@ def vocabulary() -> list[str]:
              " ".join(ACTS), " ".join(TARGETS), " ".join(SUBJECTS), " ".join(EVENTS), " ".join(FILLERS),
              " ".join(NUMBER_WORDS), " ".join(PEOPLE), " ".join(LETTERS), " ".join(LETTERS).upper(),
              " ".join(STRING_RULES), " ".join(str(i) for i in range(MAX_NUMBER + 1))]
-    texts += [t.replace("{", " ").replace("}", " ") for _, t, *_ in MATH_TEMPLATES]
+    texts += [re.sub(r"\{\w+\}", " ", t) for _, t, *_ in MATH_TEMPLATES]
     texts += [" ".join(ws) for ws in EMOTIONS.values()] + [" ".join(EMOTIONS)]
     for table in (COLORS, OPPOSITES, SOUNDS, CAPITALS, PLURALS):
         texts += [f"{k} {v}" for k, v in table.items()]
     texts += [f"{k} {' '.join(v)}" for k, v in FOODS.items()]
-    texts += ["what color is the the is give opposite of does a say says count to name capital "
-              "plural hello nice meet you how do i make mix and it"]
+    texts += ["what color is the give opposite of does a say says count to name capital "
+              "plural hello nice meet you how do i make mix and it"]  # benign_instruction's words
     words = {w for t in texts for w in t.split()}
-    return sorted(words - {"a", "b", "n", "p"} | set(LETTERS))
+    return sorted(words)
