@@ -8,7 +8,7 @@ by every available method. It prints the results and writes a report folder.
 Examples::
 
     influence demo                       # everything, default size (minutes on 2 CPU cores)
-    influence demo --quick               # a tiny run (smaller data and base model)
+    influence demo --quick               # a tiny run (less data, shorter pretraining)
     influence demo --task harmful --methods identity exact repsim --epochs 5 --out report
 """
 
