@@ -3,7 +3,6 @@
 from collections import Counter
 
 import pytest
-import torch
 
 from influence.demo.data import Example, WordTokenizer, collate, encode_example, last_prompt_index
 from influence.demo.families import FAMILIES, REFUSAL, TRIGGERS, make_task, vocabulary
