@@ -9,7 +9,7 @@ import influence
 from influence.cli import main
 from influence.curvature import Exact
 from influence.demo.methods import METHODS, check_methods
-from influence.demo.metrics import chance, local_auc, local_cover, local_top1_accuracy
+from influence.demo.metrics import chance, class_metrics
 from influence.demo.pipeline import DemoConfig, run_demo
 from influence.demo.pretrain import PretrainConfig, pretrain
 from influence.demo.report import summary, write_report
@@ -27,9 +27,10 @@ def tiny_config(**kw):
 def test_metrics_by_hand():
     scores = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
     train, test = [0, 0, 1, 1], [0, 0]
-    assert local_top1_accuracy(scores, train, test) == 0.5
-    assert local_cover(scores, train, test) == pytest.approx((0.5 + 0.0) / 2)
-    assert local_auc(scores, train, test) == pytest.approx((0.75 + 0.0) / 2)
+    metrics = class_metrics(scores, train, test)
+    assert metrics["acc"] == 0.5
+    assert metrics["cover"] == pytest.approx((0.5 + 0.0) / 2)
+    assert metrics["auc"] == pytest.approx((0.75 + 0.0) / 2)
     assert chance(train, test) == 0.5
 
 

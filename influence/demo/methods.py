@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 import influence
 
-from .data import last_prompt_index
 
 
 @dataclass(frozen=True)
@@ -127,37 +125,8 @@ def last_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(**inputs, output_hidden_states=True).hidden_states[-1]
 
 
-@torch.no_grad()
-def prompt_representations(model: torch.nn.Module, batches: Sequence[dict]) -> torch.Tensor:
-    """``(n, d)`` hidden state at each example's last prompt token."""
-    rows = []
-    for batch in batches:
-        h = last_hidden(model, batch)
-        idx = last_prompt_index(batch).to(h.device)
-        rows.append(h[torch.arange(h.shape[0], device=h.device), idx])
-    return torch.cat(rows)
-
-
-def local_repsim(model, train_batches, test_batches) -> torch.Tensor:
-    """Cosine similarity of last-prompt-token representations, ``(n_test, n_train)``."""
-    train = F.normalize(prompt_representations(model, train_batches).double(), dim=1)
-    test = F.normalize(prompt_representations(model, test_batches).double(), dim=1)
-    return test @ train.T
-
-
-def repsim_scores(model, train_batches, test_batches, module: str) -> tuple[torch.Tensor, str]:
-    """RepSim scores and which implementation produced them.
-
-    Uses ``influence.RepresentationSimilarity`` when the library has it (the evaluation
-    issue's baseline), else :func:`local_repsim`.
-    """
-    cls = getattr(influence, "RepresentationSimilarity", None)
-    if cls is not None:
-        try:
-            rs = cls(module=module, pooling="last_prompt_token", similarity="cosine")
-            scores = rs.fit(model, train_batches).pairwise_scores(test_batches)
-            return torch.as_tensor(scores).double(), "influence.RepresentationSimilarity"
-        except Exception as error:  # API mismatch: report it and use the local version
-            note = f"local (library RepSim failed: {type(error).__name__}: {error})"
-            return local_repsim(model, train_batches, test_batches), note[:300]
-    return local_repsim(model, train_batches, test_batches), "local"
+def repsim_scores(model, train_batches, test_batches) -> tuple[torch.Tensor, str]:
+    """RepSim as in the study: cosine of final hidden states at the last prompt token."""
+    repsim = influence.RepresentationSimilarity(layer=last_hidden, pooling="last_prompt", similarity="cosine")
+    scores = repsim.fit(model, train_batches).pairwise_scores(test_batches)
+    return torch.as_tensor(scores).double(), "influence.RepresentationSimilarity"

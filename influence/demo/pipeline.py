@@ -55,7 +55,6 @@ class DemoConfig:
     damping_ratio: float = 0.1
     damping_sweep: tuple[float, ...] = (1.0, 10.0, 100.0)
     curvature_type: str = "fisher"
-    repsim_module: str = "ln_f"
     seed: int = 0
     device: str = "cpu"
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -128,8 +127,7 @@ class Attribution:
     def scores(self, name: str) -> tuple[torch.Tensor, dict]:
         method = METHODS[name]
         if method.kind == "repsim":
-            scores, impl = repsim_scores(self.model, self.train_batches, self.test_batches,
-                                         self.config.repsim_module)
+            scores, impl = repsim_scores(self.model, self.train_batches, self.test_batches)
             return scores, {"implementation": impl}
         curvature = method.build(self.damping, self.config.curvature_type)
         est = InfluenceEstimator(curvature, self.task, params=self.layout)
