@@ -75,7 +75,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
 
 
 def _checksum(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+    return hashlib.sha256(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -169,7 +169,7 @@ def encode(value: Any) -> Any:
         return [encode(v) for v in value]
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {"__dict__": {k: encode(v) for k, v in value.items()}}
-    if isinstance(value, ParamsMixin) or _rebuildable(value):
+    if isinstance(value, ParamsMixin):
         return {"__object__": describe(value)}
     raise StorageError(
         f"Cannot store a value of type {type(value).__name__} ({value!r}) in the metadata."
@@ -197,18 +197,34 @@ def _init_names(cls: type) -> list[str]:
 
 
 def _rebuildable(obj: Any) -> bool:
-    return all(hasattr(obj, n) for n in _init_names(type(obj)))
+    return all(n in vars(obj) for n in _init_names(type(obj)))
+
+
+def _params_from_repr(obj: Any) -> dict[str, Any] | None:
+    """``Name(a=1, b='x')`` → ``{"a": 1, "b": "x"}`` when the repr is literal keywords."""
+    import ast
+
+    try:
+        node = ast.parse(repr(obj), mode="eval").body
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == type(obj).__name__ and not node.args):
+            return None
+        return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
+    except (SyntaxError, ValueError):
+        return None
 
 
 def describe(obj: Any) -> dict[str, Any]:
-    """Class path, repr and (when every ``__init__`` argument is stored) parameters."""
+    """Class path, repr and, when they can be recovered, the constructor parameters (from
+    attributes named like the ``__init__`` arguments, or from a repr of literal keywords)."""
     cls = type(obj)
     out: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}", "repr": repr(obj)}
-    if _rebuildable(obj):
-        try:
-            out["params"] = {n: encode(getattr(obj, n)) for n in _init_names(cls)}
-        except StorageError:
-            pass
+    try:
+        if _rebuildable(obj):
+            out["params"] = {n: encode(vars(obj)[n]) for n in _init_names(cls)}
+        elif (params := _params_from_repr(obj)) is not None:
+            out["params"] = {k: encode(v) for k, v in params.items()}
+    except StorageError:
+        pass
     return out
 
 
@@ -271,6 +287,67 @@ def compare_fingerprints(saved: dict, current: dict, what: str) -> None:
         )
 
 
+# --------------------------------------------------------------------------------- estimators
+def save_estimator(est, path: str | os.PathLike) -> None:
+    """Implements :meth:`InfluenceEstimator.save`."""
+    from ._params_base import check_is_fitted
+
+    check_is_fitted(est, "curvature_", "save()")
+    est._check_model("save()")
+    cur = est.curvature_
+    tensors = {f"curvature/{k}": v for k, v in cur._state_tensors().items()}
+    others = {k: v for k, v in est.get_params(deep=False).items() if k not in ("curvature", "task", "params")}
+    try:
+        params = encode(est.params)
+    except StorageError:
+        params = None  # a ParameterLayout: the layout below is the selection
+    meta = {
+        "kind": "estimator",
+        "estimator": {"class": f"{type(est).__module__}:{type(est).__qualname__}",
+                      "params": {k: encode(v) for k, v in others.items()}, "params_spec": params},
+        "curvature": describe(cur),
+        "curvature_state": cur._state_metadata(),
+        "task": describe(est.task_),
+        "layout": est.layout_.to_dict(),
+        "num_train": est.num_train_,
+        "model": model_fingerprint(est.model_),
+    }
+    save_tensors(path, tensors, meta)
+
+
+def load_estimator(cls, path: str | os.PathLike, model: nn.Module, task=None):
+    """Implements :meth:`InfluenceEstimator.load`."""
+    from .params import ParameterLayout, parameter_fingerprint
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be the torch.nn.Module the estimator was fitted on; got {type(model).__name__}.")
+    tensors, meta = load_tensors(path, "estimator")
+    compare_fingerprints(meta["model"], model_fingerprint(model), f"The estimator saved in {os.fspath(path)}")
+    layout = ParameterLayout.from_dict(meta["layout"])
+    if task is None:
+        try:
+            task = rebuild(meta["task"])
+        except StorageError as error:
+            raise StorageError(f"{error} Pass task=... to load().") from None
+    curvature = rebuild(meta["curvature"])
+    spec = meta["estimator"]["params_spec"]
+    params = {k: decode(v) for k, v in meta["estimator"]["params"].items() if k in cls._param_names()}
+    est = cls(curvature=curvature, task=task, params=layout if spec is None else decode(spec), **params)
+    device = next(iter(layout.tensors(model).values())).device
+    state = {k.partition("/")[2]: v.to(device) for k, v in tensors.items() if k.startswith("curvature/")}
+    fitted = rebuild(meta["curvature"])
+    fitted._load_state(state, meta["curvature_state"], layout)
+    est.curvature_ = fitted
+    est.task_ = task
+    est.layout_ = layout
+    est.model_ = model
+    est.train_loader_ = None
+    est.num_train_ = meta["num_train"]
+    est.fingerprint_ = parameter_fingerprint(model, layout)
+    est.timings_ = {}
+    return est
+
+
 __all__ = [
     "FORMAT_VERSION",
     "CorruptedFileError",
@@ -282,4 +359,6 @@ __all__ = [
     "load_tensors",
     "model_fingerprint",
     "save_tensors",
+    "load_estimator",
+    "save_estimator",
 ]
