@@ -85,7 +85,7 @@ def fit_statistics(curvature, model: nn.Module, task, loader: Iterable[Any], lay
             if not complete:
                 desc = f"fit {name}" + (f" pass {p}" if curvature._num_passes > 1 else "") + (f" rank {rank}" if world > 1 else "")
                 i = -1
-                for i, batch in enumerate(track(iterate_batches(local, "train_loader"), desc)):
+                for i, batch in enumerate(track(iterate_batches(local, "train_loader"), desc, local)):
                     if i < done:
                         continue  # finished before the checkpoint
                     s = curvature._batch_statistics(model, task, batch, layout, p)

@@ -111,7 +111,7 @@ def write_pairwise(est, factors: torch.Tensor, train: Iterable[Any], out: str) -
     mm = np.lib.format.open_memmap(partial, mode="r+")
     column = offset
     i = -1
-    for i, batch in enumerate(track(iterate_batches(train, "train_loader"), "train scores")):
+    for i, batch in enumerate(track(iterate_batches(train, "train_loader"), "train scores", train)):
         n = est.task_.num_examples(batch)
         if i >= done:
             G = per_sample_grads(est.model_, est.task_, batch, est.layout_, est.chunk_size, "loss")

@@ -78,17 +78,23 @@ def progress_enabled(progress: bool | None = None) -> bool:
     return bool(progress)
 
 
-def track(iterable: Iterable[Any], desc: str, total: int | None = None, unit: str = "batch") -> Iterable[Any]:
-    """Wraps ``iterable`` in a tqdm bar when progress is enabled; otherwise returns it as is."""
+def track(iterable: Iterable[Any], desc: str, total: Any = None, unit: str = "batch") -> Iterable[Any]:
+    """Wraps ``iterable`` in a tqdm bar when progress is enabled; otherwise returns it as is.
+
+    ``total`` is the number of items, or an object whose ``len()`` is (e.g. the loader that
+    ``iterable`` wraps); default ``len(iterable)`` where defined.
+    """
     if not progress_enabled():
         return iterable
     from tqdm.auto import tqdm
 
-    if total is None:
+    source = iterable if total is None else total
+    if not isinstance(source, int):
         try:
-            total = len(iterable)  # type: ignore[arg-type]
+            source = len(source)  # type: ignore[arg-type]
         except TypeError:
-            total = None
+            source = None
+    total = source
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr)
 
 

@@ -158,7 +158,7 @@ class InfluenceEstimator(ParamsMixin):
     def _gradients(self, loader: Iterable[Any], objective: str, what: str) -> Iterator[torch.Tensor]:
         """Yields per-example gradient blocks ``(B, P)`` of the loader, checked finite."""
         offset = 0
-        for batch in track(iterate_batches(loader, f"{what}_loader"), f"{what} gradients"):
+        for batch in track(iterate_batches(loader, f"{what}_loader"), f"{what} gradients", loader):
             G = per_sample_grads(
                 self.model_, self.task_, batch, self.layout_, self.chunk_size, objective
             )

@@ -85,7 +85,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = dict(meta, format_version=FORMAT_VERSION, library_version=_library_version())
     meta["checksums"] = {k: _checksum(v) for k, v in cpu.items()}
-    payload = save(cpu, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    payload = save(cpu, metadata={_META_KEY: json.dumps(meta)})
     atomic_write(path, lambda f: f.write(payload))
 
 
