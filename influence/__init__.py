@@ -18,6 +18,7 @@ from .exceptions import (
     NotFittedError,
 )
 from .gradients import per_sample_grads
+from .io import CorruptedFileError, FormatVersionError, ModelMismatchError, StorageError
 from .params import ParameterLayout, select_parameters
 from .tasks import ClassificationTask, LanguageModelingTask, OutputTask, RegressionTask, Task
 
@@ -51,4 +52,9 @@ __all__ = [
     "CurvatureError",
     "ConvergenceWarning",
     "FallbackWarning",
+    # storage errors (influence.io); data-parallel helpers live in influence.distributed
+    "StorageError",
+    "CorruptedFileError",
+    "FormatVersionError",
+    "ModelMismatchError",
 ]

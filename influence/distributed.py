@@ -22,7 +22,8 @@ Shards are contiguous and in rank order, so the global index of a training examp
 rank's offset plus its index in the shard. Uneven splits are fine: rank ``r`` of ``W`` gets
 items ``[⌊r·n/W⌋, ⌊(r+1)·n/W⌋)``. A DataLoader over a sized dataset is split by examples (a
 new DataLoader over a ``Subset`` with the same batch size and collate function); any other
-sized iterable of batches (e.g. a list) is split by batches.
+sized iterable of batches (e.g. a list) is split by batches (a non-list is iterated in full on
+every rank, skipping the other ranks' batches, so its data is read ``W`` times).
 
 Every rank must hold the same model weights (checked through the parameter fingerprint) and
 iterate the same loaders; the query loader is not split.
@@ -34,7 +35,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from torch.utils.data.sampler import SequentialSampler
+from torch.utils.data.sampler import RandomSampler, SequentialSampler
 
 from .exceptions import InfluenceError
 
@@ -141,7 +142,9 @@ def _splittable_by_examples(loader: DataLoader) -> bool:
         len(loader.dataset)
     except TypeError:
         return False
-    return loader.batch_size is not None and isinstance(loader.sampler, SequentialSampler)
+    # a shuffling loader is split in dataset order: curvature sums do not depend on order,
+    # and scores are indexed in loader order anyway (a warning says so)
+    return loader.batch_size is not None and isinstance(loader.sampler, (SequentialSampler, RandomSampler))
 
 
 # --------------------------------------------------------------------------------- collectives

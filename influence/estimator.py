@@ -251,7 +251,7 @@ class InfluenceEstimator(ParamsMixin):
                 kk = min(k, s.shape[1])
                 best_v, pos = torch.topk(s, kk, dim=1, largest=largest)
                 best_i = torch.gather(idx, 1, pos)
-            counts = all_gather_counts(offset)
+            counts = all_gather_counts(offset, factors.device)
             if len(counts) > 1:  # merge the ranks' candidates (global index = rank offset + local)
                 best_i = best_i + sum(counts[: rank_and_world()[0]])
                 s, idx = all_gather_cat(best_v, dim=1), all_gather_cat(best_i, dim=1)
