@@ -27,6 +27,7 @@ from torch import nn
 from ._loader import iterate_batches
 from ._progress import current, logger, timed, track
 from .distributed import all_reduce_statistics, rank_and_world, shard
+from .curvature._base import check_finite_statistics
 from .exceptions import InfluenceError
 from .params import ParameterLayout, parameter_fingerprint
 
@@ -84,11 +85,14 @@ def fit_statistics(curvature, model: nn.Module, task, loader: Iterable[Any], lay
         with timed(f"fit.{name}.pass{p}"):
             if not complete:
                 desc = f"fit {name}" + (f" pass {p}" if curvature._num_passes > 1 else "") + (f" rank {rank}" if world > 1 else "")
-                i = -1
+                i, offset = -1, 0
                 for i, batch in enumerate(track(iterate_batches(local, "train_loader"), desc, local)):
+                    start, offset = offset, offset + task.num_examples(batch)
                     if i < done:
                         continue  # finished before the checkpoint
                     s = curvature._batch_statistics(model, task, batch, layout, p)
+                    for v in s.values():  # names the examples behind NaN/inf (shard-local indices)
+                        check_finite_statistics(v, model, task, batch, layout, start)
                     if stats is None:
                         stats = s
                     else:
