@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ._loader import iterate_batches
-from ._progress import current, logger, track
+from ._progress import logger, track
 from .distributed import all_gather_counts, barrier, rank_and_world
 from .estimator import check_finite
 from .gradients.functional import per_sample_grads
@@ -73,10 +73,11 @@ def _write_progress(path: str, data: dict) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(data).encode()))
 
 
-def write_pairwise(est, factors: torch.Tensor, train: Iterable[Any], out: str) -> np.memmap:
+def write_pairwise(est, factors: torch.Tensor, train: Iterable[Any], out: str, every: int = 50) -> np.memmap:
     """Writes ``factors @ G_trainᵀ`` to ``out`` block by block; returns it read-only."""
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer (batches); got {every!r}.")
     rank, world = rank_and_world()
-    every = current().checkpoint_every
     dtype = _NP_DTYPES[factors.dtype]
     partial = out + ".partial"
     pattern = f"{glob.escape(out)}.progress-rank*.json"

@@ -207,6 +207,23 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def merge_top_k(
+    values: torch.Tensor, indices: torch.Tensor, n_local: int, k: int, largest: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merges the ranks' running top-k (shard-local indices) into the global top-k.
+
+    Rank ``r``'s indices are shifted by the examples of the ranks before it (shards are
+    contiguous), then the candidates of all ranks are gathered and reduced to ``k``.
+    """
+    if not is_active():
+        return values, indices
+    counts = all_gather_counts(n_local, values.device)
+    indices = indices + sum(counts[: rank_and_world()[0]])
+    values, indices = all_gather_cat(values, dim=1), all_gather_cat(indices, dim=1)
+    values, pos = torch.topk(values, min(k, values.shape[1]), dim=1, largest=largest)
+    return values, torch.gather(indices, 1, pos)
+
+
 def barrier() -> None:
     """Waits for every rank (no-op without a process group)."""
     if is_active():
@@ -235,6 +252,7 @@ __all__ = [
     "barrier",
     "check_same_model",
     "is_active",
+    "merge_top_k",
     "rank_and_world",
     "shard",
     "shard_bounds",

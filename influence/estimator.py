@@ -12,7 +12,7 @@ query's measurement by approximately ``+score[i, j] / N`` (the leave-one-out est
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import warnings
 from typing import Any, Iterable, Iterator
@@ -25,7 +25,7 @@ from ._params_base import ParamsMixin, check_is_fitted, clone
 from ._progress import run_options, timed, track
 from .curvature._base import Curvature, check_instance
 from .curvature.identity import Identity
-from .distributed import all_gather_cat, all_gather_counts, check_same_model, rank_and_world, shard
+from .distributed import all_gather_cat, check_same_model, merge_top_k, shard
 from .exceptions import ModelChangedError, NonFiniteGradientError
 from .gradients.functional import per_sample_grads
 from .params import ParamSpec, parameter_fingerprint, select_parameters
@@ -44,6 +44,22 @@ def check_finite(G: torch.Tensor, offset: int, what: str) -> None:
         )
 
 
+def _staged(stage: str):
+    """Runs a public method with the estimator's run options and adds its time to ``timings_``."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            if stage == "fit" or getattr(self, "timings_", None) is None:
+                self.timings_ = {}
+            with run_options(progress=self.progress, timings=self.timings_), timed(stage):
+                return method(self, *args, **kwargs)
+
+        return run
+
+    return wrap
+
+
 class InfluenceEstimator(ParamsMixin):
     """Influence scores of training examples on queries, through a pluggable curvature.
 
@@ -59,11 +75,11 @@ class InfluenceEstimator(ParamsMixin):
 
     Fitted attributes: ``model_``, ``curvature_``, ``layout_``, ``num_train_``,
     ``fingerprint_``, ``timings_`` (seconds per stage, e.g. ``"fit"``, ``"pairwise_scores"``;
-    scoring adds to it).
+    ``fit`` resets it, scoring adds to it).
 
-    Under ``torch.distributed`` (more than one rank), fitting and scoring are data-parallel
-    over contiguous shards of the training loader and every rank returns the full result
-    (see :mod:`influence.distributed`). ``save``/``load`` persist a fitted estimator
+    Under ``torch.distributed`` (more than one rank) fitting and scoring are data-parallel over
+    contiguous shards of the training loader and every rank returns the full result
+    (:mod:`influence.distributed`). :meth:`save` and :meth:`load` persist a fitted estimator
     (:mod:`influence.io`).
 
     Examples:
@@ -93,14 +109,8 @@ class InfluenceEstimator(ParamsMixin):
         self.score_dtype = score_dtype
         self.progress = progress
 
-    @contextlib.contextmanager
-    def _stage(self, stage: str, **options: Any) -> Iterator[None]:
-        """Run options (progress, checkpoints) and the timing of one public call."""
-        timings = self.__dict__.setdefault("timings_", {})
-        with run_options(progress=self.progress, timings=timings, **options), timed(stage):
-            yield
-
     # ----------------------------------------------------------------------------- fitting
+    @_staged("fit")
     def fit(
         self,
         model: nn.Module,
@@ -116,12 +126,6 @@ class InfluenceEstimator(ParamsMixin):
                 batches; a killed fit run again with the same directory resumes where it
                 stopped, with identical results (curvatures on the statistics protocol).
         """
-        self.timings_ = {}
-        directory = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
-        with self._stage("fit", checkpoint_dir=directory, checkpoint_every=checkpoint_every):
-            return self._fit(model, train_loader)
-
-    def _fit(self, model: nn.Module, train_loader: Iterable[Any]) -> "InfluenceEstimator":
         curvature = Identity() if self.curvature is None else self.curvature
         check_instance(curvature, Curvature, "curvature")
         task = ClassificationTask() if self.task is None else self.task
@@ -135,10 +139,12 @@ class InfluenceEstimator(ParamsMixin):
         warn_if_shuffled(train_loader, "train_loader")
         _warn_if_stochastic(model)
         layout = select_parameters(model, self.params)
-        check_same_model(parameter_fingerprint(model, layout))
+        check_same_model(parameter_fingerprint(model, layout))  # under torch.distributed
         self.task_ = task
         self.layout_ = layout
-        self.curvature_ = clone(curvature).fit(model, task, train_loader, layout)
+        directory = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        with run_options(checkpoint_dir=directory, checkpoint_every=checkpoint_every):
+            self.curvature_ = clone(curvature).fit(model, task, train_loader, layout)
         self.model_ = model
         self.train_loader_ = train_loader
         self.num_train_ = sum(task.num_examples(b) for b in iterate_batches(train_loader, "train_loader"))
@@ -166,17 +172,15 @@ class InfluenceEstimator(ParamsMixin):
             offset += G.shape[0]
             yield G
 
+    @_staged("influence_factors")
     def influence_factors(self, test_loader: Iterable[Any]) -> torch.Tensor:
         """Preconditioned query gradients ``(C + λI)⁻¹ ∇m(z_test)``, shape ``(n_test, P)``."""
         self._check_model("influence_factors()")
-        with self._stage("influence_factors"):
-            return self._influence_factors(test_loader)
-
-    def _influence_factors(self, test_loader: Iterable[Any]) -> torch.Tensor:
         blocks = [self.curvature_.solve(G) for G in self._gradients(test_loader, "measurement", "test")]
         return torch.cat(blocks).to(self.score_dtype)
 
     # ----------------------------------------------------------------------------- scores
+    @_staged("pairwise_scores")
     def pairwise_scores(
         self,
         test_loader: Iterable[Any],
@@ -192,23 +196,24 @@ class InfluenceEstimator(ParamsMixin):
 
         Args:
             out: a ``.npy`` path: the matrix is written there in column blocks through a
-                memory map and a read-only ``numpy.memmap`` is returned instead of a tensor,
-                so the matrix never has to fit in memory. Progress is saved every
-                ``checkpoint_every`` training batches; a killed call run again with the same
-                ``out`` resumes where it stopped (see :mod:`influence._outputs`).
+                memory map and a read-only ``numpy.memmap`` is returned instead of a tensor, so
+                the matrix never has to fit in memory. Progress is saved every
+                ``checkpoint_every`` training batches; the same call run again after a crash
+                resumes where it stopped (see :mod:`influence._outputs`).
         """
+        if out is not None:
+            from ._outputs import write_pairwise
+
+            factors = self.influence_factors(test_loader)
+            return write_pairwise(self, factors, self._train(train_loader), os.fspath(out), checkpoint_every)
         factors = self.influence_factors(test_loader)
-        with self._stage("pairwise_scores", checkpoint_every=checkpoint_every):
-            if out is not None:
-                from ._outputs import write_pairwise
+        columns = [
+            factors @ G.to(factors.dtype).T
+            for G in self._gradients(self._train(train_loader), "loss", "train")
+        ]
+        return all_gather_cat(torch.cat(columns, dim=1), dim=1)  # the ranks' columns
 
-                return write_pairwise(self, factors, self._train(train_loader), os.fspath(out))
-            columns = [
-                factors @ G.to(factors.dtype).T
-                for G in self._gradients(self._train(train_loader), "loss", "train")
-            ]
-            return all_gather_cat(torch.cat(columns, dim=1), dim=1)
-
+    @_staged("self_scores")
     def self_scores(self, loader: Iterable[Any] | None = None) -> torch.Tensor:
         """Self-influence ``∇ℓ(z)ᵀ (C + λI)⁻¹ ∇ℓ(z)`` of each example, shape ``(n,)``.
 
@@ -216,11 +221,11 @@ class InfluenceEstimator(ParamsMixin):
         """
         self._check_model("self_scores()")
         out = []
-        with self._stage("self_scores"):
-            for G in self._gradients(self._train(loader), "loss", "train"):
-                out.append((self.curvature_.solve(G).to(self.score_dtype) * G.to(self.score_dtype)).sum(1))
-            return all_gather_cat(torch.cat(out))
+        for G in self._gradients(self._train(loader), "loss", "train"):
+            out.append((self.curvature_.solve(G).to(self.score_dtype) * G.to(self.score_dtype)).sum(1))
+        return all_gather_cat(torch.cat(out))  # the ranks' shards
 
+    @_staged("top_k")
     def top_k(
         self,
         test_loader: Iterable[Any],
@@ -241,30 +246,24 @@ class InfluenceEstimator(ParamsMixin):
         factors = self.influence_factors(test_loader)
         best_v = best_i = None
         offset = 0
-        with self._stage("top_k"):
-            for G in self._gradients(self._train(train_loader), "loss", "train"):
-                s = factors @ G.to(factors.dtype).T
-                idx = torch.arange(offset, offset + s.shape[1], device=s.device).expand_as(s)
-                offset += s.shape[1]
-                if best_v is not None:
-                    s, idx = torch.cat([best_v, s], 1), torch.cat([best_i, idx], 1)
-                kk = min(k, s.shape[1])
-                best_v, pos = torch.topk(s, kk, dim=1, largest=largest)
-                best_i = torch.gather(idx, 1, pos)
-            counts = all_gather_counts(offset, factors.device)
-            if len(counts) > 1:  # merge the ranks' candidates (global index = rank offset + local)
-                best_i = best_i + sum(counts[: rank_and_world()[0]])
-                s, idx = all_gather_cat(best_v, dim=1), all_gather_cat(best_i, dim=1)
-                best_v, pos = torch.topk(s, min(k, s.shape[1]), dim=1, largest=largest)
-                best_i = torch.gather(idx, 1, pos)
+        for G in self._gradients(self._train(train_loader), "loss", "train"):
+            s = factors @ G.to(factors.dtype).T
+            idx = torch.arange(offset, offset + s.shape[1], device=s.device).expand_as(s)
+            offset += s.shape[1]
+            if best_v is not None:
+                s, idx = torch.cat([best_v, s], 1), torch.cat([best_i, idx], 1)
+            kk = min(k, s.shape[1])
+            best_v, pos = torch.topk(s, kk, dim=1, largest=largest)
+            best_i = torch.gather(idx, 1, pos)
+        best_v, best_i = merge_top_k(best_v, best_i, offset, k, largest)  # across ranks
         if best_v.shape[1] < k:
             raise ValueError(f"k={k} exceeds the number of training examples ({best_v.shape[1]}).")
         return best_v, best_i
 
     def _train(self, loader: Iterable[Any] | None) -> Iterable[Any]:
-        """The training loader to score (this rank's shard under torch.distributed)."""
+        """The training loader to score: this rank's shard under torch.distributed."""
         if loader is None:
-            if getattr(self, "train_loader_", None) is None and getattr(self, "curvature_", None) is not None:
+            if getattr(self, "curvature_", None) is not None and getattr(self, "train_loader_", None) is None:
                 raise ValueError(
                     "This estimator has no training loader (it was loaded from a file): pass "
                     "train_loader=... to score."
@@ -276,7 +275,7 @@ class InfluenceEstimator(ParamsMixin):
 
     # ----------------------------------------------------------------------------- storage
     def save(self, path: str | os.PathLike) -> None:
-        """Saves the fitted estimator to ``path`` (safetensors + JSON metadata; atomic).
+        """Saves the fitted estimator to ``path`` (safetensors + JSON metadata, atomically).
 
         The model and the loaders are not saved: pass the model to :meth:`load`.
         """
