@@ -73,6 +73,15 @@ def _write_progress(path: str, data: dict) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(data).encode()))
 
 
+def _train_grads(est, batch: Any) -> torch.Tensor:
+    """Per-example training gradients ``(B, P)``: the estimator's gradient engine when it has
+    one (the hook path of the scoring branch), else torch.func."""
+    engine = getattr(est, "gradients_", None)
+    if engine is not None and hasattr(engine, "flat"):
+        return engine.flat(batch, "loss")
+    return per_sample_grads(est.model_, est.task_, batch, est.layout_, est.chunk_size, "loss")
+
+
 def write_pairwise(est, factors: torch.Tensor, train: Iterable[Any], out: str, every: int = 50) -> np.memmap:
     """Writes ``factors @ G_trainᵀ`` to ``out`` block by block; returns it read-only."""
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
@@ -115,7 +124,7 @@ def write_pairwise(est, factors: torch.Tensor, train: Iterable[Any], out: str, e
     for i, batch in enumerate(track(iterate_batches(train, "train_loader"), "train scores", train)):
         n = est.task_.num_examples(batch)
         if i >= done:
-            G = per_sample_grads(est.model_, est.task_, batch, est.layout_, est.chunk_size, "loss")
+            G = _train_grads(est, batch)
             check_finite(G, column - offset, "train")
             block = factors @ G.to(factors.dtype).T
             mm[:, column : column + n] = block.detach().cpu().numpy()

@@ -52,8 +52,8 @@ def test_memmap_is_written_in_column_blocks(tmp_path, setup, monkeypatch):
     monkeypatch.setattr(torch, "cat", no_full_matrix)
     import influence._outputs as outputs
 
-    original = outputs.per_sample_grads
-    monkeypatch.setattr(outputs, "per_sample_grads", lambda *a: (lambda G: widths.append(G.shape[0]) or G)(original(*a)))
+    original = outputs._train_grads
+    monkeypatch.setattr(outputs, "_train_grads", lambda *a: (lambda G: widths.append(G.shape[0]) or G)(original(*a)))
     est.pairwise_scores([(x[:2], y[:2])], out=tmp_path / "s.npy")
     assert widths == [3, 3, 3, 2]
 

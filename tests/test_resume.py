@@ -68,8 +68,8 @@ def test_killed_scoring_resumes_its_columns(tmp_path, monkeypatch):
     model, train, test = worker.problem()
     est = worker.score_estimator(model, train)
     calls = []
-    original = influence._outputs.per_sample_grads
-    monkeypatch.setattr(influence._outputs, "per_sample_grads", lambda *a: calls.append(1) or original(*a))
+    original = influence._outputs._train_grads
+    monkeypatch.setattr(influence._outputs, "_train_grads", lambda *a: calls.append(1) or original(*a))
     mm = est.pairwise_scores(test, train, out=tmp_path / "scores.npy", checkpoint_every=2)
     assert len(calls) == 4  # batches 2..5 (batch 2 was done but not yet checkpointed)
     assert os.listdir(tmp_path) == ["scores.npy"]
