@@ -336,7 +336,7 @@ def load_estimator(cls, path: str | os.PathLike, model: nn.Module, task=None):
     device = next(iter(layout.tensors(model).values())).device
     state = {k.partition("/")[2]: v.to(device) for k, v in tensors.items() if k.startswith("curvature/")}
     fitted = rebuild(meta["curvature"])
-    fitted._load_state(state, meta["curvature_state"], layout)
+    fitted._load_state(state, meta["curvature_state"], layout, model)
     est.curvature_ = fitted
     est.task_ = task
     est.layout_ = layout

@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 
-from influence import ClassificationTask, Exact, Identity, InfluenceEstimator
+from influence import ClassificationTask, Curvature, Exact, Identity, InfluenceEstimator
 from influence.io import (
     CorruptedFileError,
     FormatVersionError,
@@ -158,3 +158,39 @@ def test_save_before_fit_and_custom_task_messages(tmp_path, fitted):
         InfluenceEstimator.load(tmp_path / "m.safetensors", model)
     loaded = InfluenceEstimator.load(tmp_path / "m.safetensors", model, task=MyTask(2.0))
     torch.testing.assert_close(loaded.self_scores(train), est.self_scores())
+
+
+class ScaledIdentity(Curvature):
+    """A custom curvature with tensor, dict-of-tensor and scalar fitted state."""
+
+    def __init__(self, damping=1.0, scale=2.0):
+        super().__init__(damping)
+        self.scale = scale
+
+    def _fit(self, model, task, loader, layout):
+        self.diag_ = torch.full((layout.num_params,), self.scale, dtype=torch.float64)
+        self.parts_ = {"a": torch.ones(2), "b": torch.zeros(3, dtype=torch.int64)}
+        self.note_ = "fitted"
+        self.sizes_ = [1, 2]
+
+    def _solve(self, G, damping):
+        return G / (self.diag_.to(G) + damping)
+
+    def _matmat(self, V, damping):
+        return V * (self.diag_.to(V) + damping)
+
+
+def test_generic_state_export_round_trips_a_custom_curvature(tmp_path):
+    model, train = small()
+    est = InfluenceEstimator(ScaledIdentity(scale=3.0), ClassificationTask(), score_dtype=torch.float64).fit(model, train)
+    est.save(tmp_path / "c.safetensors")
+    loaded = InfluenceEstimator.load(tmp_path / "c.safetensors", model)
+    cur = loaded.curvature_
+    assert cur.scale == 3.0 and cur.note_ == "fitted" and cur.sizes_ == [1, 2]
+    assert torch.equal(cur.diag_, est.curvature_.diag_) and torch.equal(cur.parts_["b"], est.curvature_.parts_["b"])
+    torch.testing.assert_close(loaded.pairwise_scores(train, train), est.pairwise_scores(train), rtol=0, atol=0)
+
+    est.curvature_.blocks_ = [object()]
+    with pytest.raises(NotImplementedError, match=r"ScaledIdentity.blocks_ is a list: override _state_tensors, _state_metadata and _load_state"):
+        est.save(tmp_path / "d.safetensors")
+    assert not (tmp_path / "d.safetensors").exists()

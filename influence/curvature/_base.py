@@ -191,7 +191,7 @@ class Curvature(ParamsMixin, ABC):
                 continue
             if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
                 out["dict_keys"].append(key)
-            elif value is None or isinstance(value, (bool, int, float, str, list)):
+            elif value is None or isinstance(value, (bool, int, float, str)) or _is_json(value):
                 out[key] = value
             else:
                 raise NotImplementedError(
@@ -200,8 +200,15 @@ class Curvature(ParamsMixin, ABC):
                 )
         return out
 
-    def _load_state(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], layout: ParameterLayout) -> None:
-        """Restores the state exported by :meth:`_state_tensors` and :meth:`_state_metadata`."""
+    def _load_state(
+        self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], layout: ParameterLayout, model: nn.Module
+    ) -> None:
+        """Restores the state exported by :meth:`_state_tensors` and :meth:`_state_metadata`.
+
+        ``model`` is the (verified) model the state was fitted on, for curvatures whose state
+        refers to its modules: e.g. K-FAC saves its ``statistics_`` sums and rebuilds its
+        blocks from them and ``supported_layers(model, layout)`` here.
+        """
         dict_keys = set(metadata.get("dict_keys", []))
         for key in dict_keys:
             setattr(self, key, {})
@@ -251,6 +258,16 @@ class Curvature(ParamsMixin, ABC):
         if not G.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor; got dtype {G.dtype}.")
         return G
+
+
+def _is_json(value: Any) -> bool:
+    import json
+
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def check_finite_statistics(

@@ -82,8 +82,8 @@ class Exact(Curvature):
         self.num_examples_ = int(count)
         self._cholesky = {}
 
-    def _load_state(self, tensors, metadata, layout):
-        super()._load_state(tensors, metadata, layout)
+    def _load_state(self, tensors, metadata, layout, model):
+        super()._load_state(tensors, metadata, layout, model)
         self._cholesky = {}
 
     def _factor(self, damping: float) -> torch.Tensor:
