@@ -10,8 +10,11 @@ Resuming: every ``checkpoint_every`` training batches the memory map is flushed 
 JSON file ``scores.npy.progress-rank<r>of<W>.json`` records the batches done. A call killed
 midway and run again with the same arguments skips the finished batches (their data is still
 read, their gradients are not computed) and gives the same matrix. The progress files carry a
-key (model weights, curvature, task, layout, a checksum of the preconditioned queries, sizes,
-number of processes); on any mismatch the partial file is started afresh.
+key (model weights, curvature, task, layout, sizes, number of processes), and the preconditioned
+queries are saved next to the file (``scores.npy.factors.safetensors``): a resumed call checks
+that its queries match the saved ones (to ``rtol=1e-4``, so GPU non-determinism does not
+prevent resuming) and then scores with the saved ones, so the matrix stays consistent. On any
+mismatch the partial file is started afresh.
 
 Under ``torch.distributed`` rank 0 creates the file, every rank writes the columns of its
 contiguous shard at its global offset, and rank 0 renames it (a shared file system is needed).
@@ -34,6 +37,7 @@ from ._progress import logger, track
 from .distributed import all_gather_counts, barrier, rank_and_world
 from .estimator import check_finite
 from .gradients.functional import per_sample_grads
+from .io import load_tensors, save_tensors
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -55,8 +59,15 @@ def _key(est, factors: torch.Tensor, n_train: int) -> str:
     for part in (parameter_fingerprint(est.model_, est.layout_), repr(est.curvature_), repr(est.task_),
                  json.dumps(est.layout_.to_dict()), tuple(factors.shape), n_train, rank_and_world()[1]):
         h.update(str(part).encode())
-    h.update(factors.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _same_queries(saved: torch.Tensor, factors: torch.Tensor) -> bool:
+    """The saved preconditioned queries are those of this call (up to GPU non-determinism)."""
+    if saved.shape != factors.shape or saved.dtype != factors.dtype:
+        return False
+    scale = float(factors.abs().max()) if factors.numel() else 0.0
+    return bool(torch.allclose(saved.to(factors.device), factors, rtol=1e-4, atol=1e-6 * scale))
 
 
 def _read_progress(path: str) -> dict | None:
@@ -91,13 +102,14 @@ def write_pairwise(est, factors: torch.Tensor, train: Iterable[Any], out: str, e
     partial = out + ".partial"
     pattern = f"{glob.escape(out)}.progress-rank*.json"
     progress_path = f"{out}.progress-rank{rank}of{world}.json"
+    factors_path = out + ".factors.safetensors"
 
     counts = all_gather_counts(count_examples(train, est.task_), factors.device)
     n_train, offset = sum(counts), sum(counts[:rank])
     key = _key(est, factors, n_train)
     shape = (factors.shape[0], n_train)
 
-    if rank == 0:  # resume only when the partial file and every rank's progress match
+    if rank == 0:  # resume only when the partial file, the queries and every rank's progress match
         files = glob.glob(pattern)
         fresh = not os.path.exists(partial) or any((_read_progress(p) or {}).get("key") != key for p in files)
         if not fresh:
@@ -105,6 +117,7 @@ def write_pairwise(est, factors: torch.Tensor, train: Iterable[Any], out: str, e
                 mm = np.lib.format.open_memmap(partial, mode="r")
                 fresh = mm.shape != shape or mm.dtype != dtype
                 del mm
+                fresh = fresh or not _same_queries(load_tensors(factors_path, "query-factors")[0]["factors"], factors)
             except (OSError, ValueError):
                 fresh = True
         if fresh:
@@ -114,7 +127,10 @@ def write_pairwise(est, factors: torch.Tensor, train: Iterable[Any], out: str, e
             mm = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
             mm.flush()
             del mm
+            save_tensors(factors_path, {"factors": factors}, {"kind": "query-factors", "key": key})
     barrier()
+    # every rank scores with the saved queries, so a resumed matrix is one consistent matrix
+    factors = load_tensors(factors_path, "query-factors")[0]["factors"].to(factors.device)
     done = (_read_progress(progress_path) or {}).get("batches", 0)
     if done:
         logger.info("pairwise_scores: resuming %s after %d training batches", out, done)
@@ -143,7 +159,7 @@ def write_pairwise(est, factors: torch.Tensor, train: Iterable[Any], out: str, e
     barrier()
     if rank == 0:
         os.replace(partial, out)
-        for p in glob.glob(pattern):
+        for p in glob.glob(pattern) + [factors_path]:
             os.unlink(p)
     barrier()
     return np.load(out, mmap_mode="r")

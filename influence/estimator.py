@@ -22,7 +22,7 @@ from torch import nn
 
 from ._loader import iterate_batches, warn_if_shuffled
 from ._params_base import ParamsMixin, check_is_fitted, clone
-from ._progress import run_options, timed, track
+from ._progress import logger, run_options, timed, track
 from .curvature._base import Curvature, check_instance
 from .curvature.identity import Identity
 from .distributed import all_gather_cat, check_same_model, merge_top_k, shard
@@ -143,6 +143,8 @@ class InfluenceEstimator(ParamsMixin):
         self.task_ = task
         self.layout_ = layout
         directory = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        if directory is not None and not curvature._uses_statistics():
+            logger.warning("%s does not fit through the statistics protocol: checkpoint_dir is not used.", type(curvature).__name__)
         with run_options(checkpoint_dir=directory, checkpoint_every=checkpoint_every):
             self.curvature_ = clone(curvature).fit(model, task, train_loader, layout)
         self.model_ = model

@@ -62,7 +62,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
 def test_killed_scoring_resumes_its_columns(tmp_path, monkeypatch):
     run_killed("score", tmp_path, 3)  # batches 0-2 written, progress saved after batch 2
     progress = [f for f in os.listdir(tmp_path) if "progress" in f]
-    assert sorted(os.listdir(tmp_path)) == sorted(["scores.npy.partial"] + progress)
+    assert sorted(os.listdir(tmp_path)) == sorted(["scores.npy.partial", "scores.npy.factors.safetensors"] + progress)
     assert json.loads((tmp_path / progress[0]).read_text())["batches"] == 2
 
     model, train, test = worker.problem()
@@ -75,3 +75,26 @@ def test_killed_scoring_resumes_its_columns(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["scores.npy"]
     assert isinstance(mm, np.memmap) and not mm.flags.writeable
     np.testing.assert_array_equal(np.asarray(mm), est.pairwise_scores(test).numpy())
+
+
+def test_scoring_with_other_queries_starts_afresh(tmp_path):
+    model, train, test = worker.problem()
+    est = worker.score_estimator(model, train)
+    out = tmp_path / "s.npy"
+    est.pairwise_scores(test, train, out=out)
+    first = np.load(out)
+    # leave a stale partial run behind, made with other queries
+    os.replace(out, str(out) + ".partial")
+    stale = np.lib.format.open_memmap(str(out) + ".partial", mode="r+")
+    stale[:] = 7.0
+    stale.flush()
+    del stale
+    other = [(test[0][0] + 1, test[0][1])]
+    from influence.io import save_tensors
+
+    save_tensors(str(out) + ".factors.safetensors", {"factors": est.influence_factors(other)}, {"kind": "query-factors"})
+    key = influence._outputs._key(est, est.influence_factors(test), 12)
+    (tmp_path / "s.npy.progress-rank0of1.json").write_text(json.dumps({"key": key, "batches": 6}))
+    mm = est.pairwise_scores(test, train, out=out)
+    np.testing.assert_array_equal(np.asarray(mm), first)  # recomputed, not the stale columns
+    assert os.listdir(tmp_path) == ["s.npy"]
