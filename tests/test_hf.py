@@ -45,7 +45,7 @@ def llama(seed=0):
 
 def capture_grads(model, task, batch, layout):
     """Per-example gradients of the hooked layers from captured inputs and output grads."""
-    layers = supported_layers(model, layout)
+    layers = supported_layers(model, layout, include_transposed=True)
     with LayerCapture(layers, batch_size=task.num_examples(batch)) as cap:
         cap.backward(task.loss(model, batch))
     out = {}
@@ -72,6 +72,7 @@ def test_gpt2_conv1d_capture_matches_torch_func():
     layout = select_parameters(model, ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.*"])
     layers, grads = capture_grads(model, task, batch, layout)
     assert {info.kind for info in layers.values()} == {"conv1d"} and len(layers) == 3
+    assert supported_layers(model, layout) == {}  # opt-in: (d_out, d_in) code never sees them
     info = layers["transformer.h.0.attn.c_attn"]
     assert info.transposed and (info.d_in, info.d_out) == (8, 24)
     expected = per_sample_grads(model, task, batch, layout)

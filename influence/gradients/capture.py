@@ -111,17 +111,27 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
-def supported_layers(model: nn.Module, layout: ParameterLayout) -> dict[str, LayerInfo]:
+def supported_layers(
+    model: nn.Module, layout: ParameterLayout, include_transposed: bool = False
+) -> dict[str, LayerInfo]:
     """The Linear/Conv2d/Embedding modules whose weight (and bias, if any) are attributed.
 
     A module whose weight is attributed but whose bias is not (or the reverse) is left to the
     generic path, so that every attributed parameter is covered exactly once.
+
+    Args:
+        include_transposed: also return layers whose weight is stored ``(d_in, d_out)``
+            (HuggingFace ``Conv1D``, :attr:`LayerInfo.transposed`). Off by default so that
+            code written for ``(d_out, d_in)`` weights never misreads them; callers that handle
+            ``info.transposed`` (as :func:`layer_grads` does) pass True.
     """
     attributed = set(layout.names)
     layers: dict[str, LayerInfo] = {}
     for name, module in model.named_modules():
         kind = layer_kind(module)
         if kind is None or unsupported_reason(module) is not None:
+            continue
+        if kind == "conv1d" and not include_transposed:
             continue
         prefix = f"{name}." if name else ""
         weight = prefix + "weight"
