@@ -56,15 +56,21 @@ class ModelMismatchError(InfluenceError, ValueError):
 
 
 # --------------------------------------------------------------------------------- raw files
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
-    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], by_path: bool = False) -> None:
+    """Writes a temporary file next to ``path`` and renames it to ``path`` once complete.
+
+    ``write`` receives the open binary file, or (``by_path=True``) the temporary path.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        with os.fdopen(fd, "r+b") as f:
+            if by_path:
+                write(tmp)
+            else:
+                write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -75,52 +81,57 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
 
 
 def _checksum(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+    h = hashlib.sha256()
+    if t.numel():
+        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy())  # no copy for contiguous CPU tensors
+    return h.hexdigest()
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Writes ``tensors`` and the JSON-able ``meta`` (plus checksums) to ``path`` atomically."""
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = dict(meta, format_version=FORMAT_VERSION, library_version=_library_version())
     meta["checksums"] = {k: _checksum(v) for k, v in cpu.items()}
-    payload = save(cpu, metadata={_META_KEY: json.dumps(meta)})
-    atomic_write(path, lambda f: f.write(payload))
+    header = {_META_KEY: json.dumps(meta)}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=header), by_path=True)
 
 
-def _read_header(data: bytes, path: str) -> dict:
-    if len(data) < 8:
-        raise CorruptedFileError(f"{path} is truncated ({len(data)} bytes): not a complete influence file.")
-    (n,) = struct.unpack("<Q", data[:8])
-    if 8 + n > len(data):
-        raise CorruptedFileError(
-            f"{path} is truncated: its header announces {n} bytes but the file has {len(data)}. "
-            "The write was interrupted or the copy is incomplete; save it again."
-        )
+def _read_header(path: str) -> dict:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CorruptedFileError(f"{path} is truncated ({size} bytes): not a complete influence file.")
+        (n,) = struct.unpack("<Q", prefix)
+        if 8 + n > size:
+            raise CorruptedFileError(
+                f"{path} is truncated: its header announces {n} bytes but the file has {size}. "
+                "The write was interrupted or the copy is incomplete; save it again."
+            )
+        raw = f.read(n)
     try:
-        header = json.loads(data[8 : 8 + n])
-    except ValueError:
+        header = json.loads(raw)
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, AttributeError):
         raise CorruptedFileError(f"{path} has a corrupted header: not a safetensors file.") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > len(data):
+    if 8 + n + end > size:
         raise CorruptedFileError(
             f"{path} is truncated: its tensors need {8 + n + end} bytes but the file has "
-            f"{len(data)}. The write was interrupted or the copy is incomplete; save it again."
+            f"{size}. The write was interrupted or the copy is incomplete; save it again."
         )
     return header
 
 
 def load_tensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Reads and verifies a file written by :func:`save_tensors`; returns ``(tensors, meta)``."""
-    from safetensors.torch import load
+    from safetensors.torch import load_file
 
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No such influence file: {path}.")
-    with open(path, "rb") as f:
-        data = f.read()
-    header = _read_header(data, path)
+    header = _read_header(path)
     raw = header.get("__metadata__", {}).get(_META_KEY)
     if raw is None:
         raise StorageError(f"{path} is a safetensors file without influence metadata: it was not written by influence.")
@@ -135,7 +146,7 @@ def load_tensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Te
     if meta.get("kind") != kind:
         raise StorageError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}.")
     try:
-        tensors = load(data)
+        tensors = load_file(path)
     except Exception as error:
         raise CorruptedFileError(f"{path} is corrupted: {error}.") from None
     sums = meta.get("checksums", {})
