@@ -37,6 +37,13 @@ def run(est_factory, model, loader, batches, test, out_dir, tag):
     }
     est_b = est_factory().fit(model, batches)  # fitted on a list of batches, split by batches
     res["matrix_batches"] = est_b.curvature_.matrix_
+    ckpt = os.path.join(out_dir, f"ckpt-{tag}")  # per-rank checkpoints, removed at the end
+    est_c = est_factory().fit(model, loader, checkpoint_dir=ckpt, checkpoint_every=1)
+    from influence.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    assert not [f for f in os.listdir(ckpt) if f"rank{rank}of{world}" in f]  # this rank's file removed
+    res["matrix_checkpointed"] = est_c.curvature_.matrix_
     mm = est.pairwise_scores(test, out=os.path.join(out_dir, f"{tag}.npy"))
     res["memmap"] = torch.from_numpy(mm.copy())
     return res

@@ -49,8 +49,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     single = _dist_worker.run(factory, model, loader, batches, test, str(tmp_path), "single")
     for rank in range(2):
         res = torch.load(tmp_path / f"rank{rank}.pt")
-        # fit on the DataLoader (3 + 4 examples), then on the list of batches (1 + 2 batches)
-        assert res.pop("seen").tolist() == ([2, 1, 3] if rank == 0 else [2, 2, 2, 2])
+        # fit on the DataLoader (3 + 4 examples), on the list of batches (1 + 2 batches), then
+        # on the DataLoader again with per-rank checkpoints
+        assert res.pop("seen").tolist() == ([2, 1, 3, 2, 1] if rank == 0 else [2, 2, 2, 2, 2, 2])
         for key, expected in single.items():
             got = res[key]
             assert got.shape == expected.shape, key
