@@ -356,6 +356,9 @@ def load_estimator(cls, path: str | os.PathLike, model: nn.Module, task=None):
     est.num_train_ = meta["num_train"]
     est.fingerprint_ = parameter_fingerprint(model, layout)
     est.timings_ = {}
+    after_load = getattr(est, "_after_load", None)
+    if after_load is not None:  # derived fitted state an estimator rebuilds from the above
+        after_load()
     return est
 
 
