@@ -130,7 +130,8 @@ def write_pairwise(est, factors: torch.Tensor, train: Iterable[Any], out: str, e
             save_tensors(factors_path, {"factors": factors}, {"kind": "query-factors", "key": key})
     barrier()
     # every rank scores with the saved queries, so a resumed matrix is one consistent matrix
-    factors = load_tensors(factors_path, "query-factors")[0]["factors"].to(factors.device)
+    # (cloned: a fresh, aligned buffer gives the same BLAS results as the in-memory path)
+    factors = load_tensors(factors_path, "query-factors")[0]["factors"].to(factors.device).clone()
     done = (_read_progress(progress_path) or {}).get("batches", 0)
     if done:
         logger.info("pairwise_scores: resuming %s after %d training batches", out, done)
