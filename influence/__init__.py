@@ -5,7 +5,7 @@ training example ``j`` helps query ``i`` (up-weighting it lowers the query's los
 """
 
 from ._params_base import clone
-from .curvature import CURVATURES, Curvature, Exact, Identity
+from .curvature import CURVATURES, EKFAC, KFAC, Curvature, Diagonal, Exact, Identity
 from .estimator import InfluenceEstimator
 from .exceptions import (
     BatchFormatError,
@@ -33,6 +33,9 @@ __all__ = [
     "Curvature",
     "Exact",
     "Identity",
+    "Diagonal",
+    "KFAC",
+    "EKFAC",
     # tasks
     "Task",
     "OutputTask",

@@ -219,11 +219,18 @@ class LayerCapture:
 
         return hook
 
-    def backward(self, losses: torch.Tensor) -> None:
-        """Gradients of ``losses.sum()`` with respect to each captured layer output."""
+    def backward(self, losses: torch.Tensor, retain_graph: bool = False) -> None:
+        """Gradients of ``losses.sum()`` with respect to each captured layer output.
+
+        With ``retain_graph=True`` the forward graph is kept, so that ``backward`` can be called
+        again on another function of the same forward (e.g. several sampled targets for the true
+        Fisher); each call replaces ``output_grads``.
+        """
         names = [n for n in self.layers if self._outputs.get(n)]
         flat_outputs = [o for n in names for o in self._outputs[n]]
-        grads = torch.autograd.grad(losses.sum(), flat_outputs, allow_unused=True)
+        grads = torch.autograd.grad(
+            losses.sum(), flat_outputs, allow_unused=True, retain_graph=retain_graph
+        )
         k = 0
         for name in names:
             info = self.layers[name]
