@@ -28,6 +28,7 @@ from .exceptions import (
     NotFittedError,
 )
 from .gradients import per_sample_grads
+from .io import CorruptedFileError, FormatVersionError, ModelMismatchError, StorageError
 from .params import ParameterLayout, select_parameters
 from .tasks import ClassificationTask, LanguageModelingTask, OutputTask, RegressionTask, Task
 
@@ -75,4 +76,9 @@ __all__ = [
     "CurvatureError",
     "ConvergenceWarning",
     "FallbackWarning",
+    # storage errors (influence.io); data-parallel helpers live in influence.distributed
+    "StorageError",
+    "CorruptedFileError",
+    "FormatVersionError",
+    "ModelMismatchError",
 ]

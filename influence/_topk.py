@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -15,7 +15,10 @@ def check_k(k) -> int:
 
 
 def streaming_top_k(
-    blocks: Iterable[torch.Tensor], k: int, largest: bool = True
+    blocks: Iterable[torch.Tensor],
+    k: int,
+    largest: bool = True,
+    reduce: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k per row over column blocks ``(n_test, b)`` arriving one at a time.
 
@@ -23,7 +26,8 @@ def streaming_top_k(
 
     Returns:
         ``(values, indices)``, each ``(n_test, k)``, most extreme first; indices count columns
-        across all blocks in arrival order.
+        across all blocks in arrival order. ``reduce(values, indices, n_columns)`` may merge
+        the running top-k with other processes' (see :func:`influence.distributed.merge_top_k`).
 
     Raises:
         ValueError: when ``k`` exceeds the total number of columns.
@@ -38,6 +42,9 @@ def streaming_top_k(
             s, idx = torch.cat([best_v, s], 1), torch.cat([best_i, idx], 1)
         best_v, pos = torch.topk(s, min(k, s.shape[1]), dim=1, largest=largest)
         best_i = torch.gather(idx, 1, pos)
+    if reduce is not None and best_v is not None:
+        best_v, best_i = reduce(best_v, best_i, offset)
+        offset = max(offset, best_v.shape[1])
     if best_v is None or best_v.shape[1] < k:
         raise ValueError(f"k={k} exceeds the number of training examples ({offset}).")
     return best_v, best_i
