@@ -151,7 +151,26 @@ class BlockCurvature(Curvature):
     """Shared ``_solve``/``_matmat`` of block-diagonal curvatures (abstract).
 
     Subclasses set ``blocks_`` and ``coverage_`` in ``_fit``. Products run in float64.
+    Their fitted state is ``statistics_`` (float64 sums and counts): that is what
+    :meth:`InfluenceEstimator.save` stores, and ``_restore`` rebuilds the blocks from it (and
+    the model, for the layers) on load, with the same code as the fit.
     """
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"statistics_/{k}": v for k, v in self.statistics_.items()}
+
+    def _state_metadata(self) -> dict[str, Any]:
+        return {}
+
+    def _load_state(self, tensors, metadata, layout, model) -> None:
+        prefix = "statistics_/"
+        statistics = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        self._restore(statistics, layout, model)
+        self.layout_ = layout
+
+    def _restore(self, statistics: dict[str, torch.Tensor], layout: ParameterLayout, model: nn.Module) -> None:
+        """Sets the fitted state from saved ``statistics_`` (see :meth:`_load_state`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _restore.")
 
     def _apply(self, X: torch.Tensor, damping: float, inverse: bool) -> torch.Tensor:
         if inverse and damping == 0:

@@ -14,17 +14,15 @@ For per-example losses ``ℓ(z) = L(f(x), y)`` the Fisher of the **mean** traini
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .._loader import iterate_batches
 from ..exceptions import InfluenceError
 from ..gradients.functional import per_sample_grads
 from ..params import ParameterLayout
 from ..tasks import OutputTask, Task
-from ._base import check_finite_statistics
 
 FISHER_TYPES = ("true", "empirical")
 
@@ -86,40 +84,37 @@ class _SampledTargets(Task):
         return self.task.num_examples(batch[0])
 
 
-def fisher_diagonal_sums(
+def fisher_diagonal_statistics(
     model: nn.Module,
     task: Task,
-    loader: Iterable[Any],
+    batch: Any,
     layout: ParameterLayout,
     fisher_type: str,
     num_samples: int,
     generator: torch.Generator,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σ_i Σ_samples ∇ℓ_i ⊙ ∇ℓ_i, count)`` over ``layout``'s parameters, float64.
+    """``(Σ_i Σ_samples ∇ℓ_i ⊙ ∇ℓ_i, count)`` over one batch and ``layout``'s parameters, float64.
 
-    The Fisher diagonal is ``sums / count``; per-example gradients come from
-    :func:`~influence.gradients.per_sample_grads` restricted to ``layout`` (one chunk at a time).
+    The Fisher diagonal is the sums over all batches divided by the count; per-example
+    gradients come from :func:`~influence.gradients.per_sample_grads` restricted to ``layout``
+    (one chunk at a time).
     """
-    total = torch.zeros(layout.num_params, dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
-    offset = 0
-    for batch in iterate_batches(loader, "train_loader"):
-        if fisher_type == "empirical":
-            draws = [(task, batch)]
-        else:
-            with torch.no_grad():
-                outputs = task.forward(model, batch)
-            wrapper = _SampledTargets(task)
-            draws = [
-                (wrapper, (batch, task.sample_targets(outputs, batch, generator)))
-                for _ in range(num_samples)
-            ]
-        for draw_task, draw_batch in draws:
-            G = per_sample_grads(model, draw_task, draw_batch, layout, chunk_size=chunk_size)
-            squares = G.double().pow(2).sum(0)
-            check_finite_statistics(squares, model, task, batch, layout, offset)
-            total = total.to(G.device) + squares
-            count = count.to(G.device) + G.shape[0]
-        offset += task.num_examples(batch)
+    device = next(model.parameters()).device
+    total = torch.zeros(layout.num_params, dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    if fisher_type == "empirical":
+        draws = [(task, batch)]
+    else:
+        with torch.no_grad():
+            outputs = task.forward(model, batch)
+        wrapper = _SampledTargets(task)
+        draws = [
+            (wrapper, (batch, task.sample_targets(outputs, batch, generator)))
+            for _ in range(num_samples)
+        ]
+    for draw_task, draw_batch in draws:
+        G = per_sample_grads(model, draw_task, draw_batch, layout, chunk_size=chunk_size)
+        total += G.double().pow(2).sum(0).to(device)
+        count += G.shape[0]
     return total, count

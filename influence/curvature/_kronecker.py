@@ -25,16 +25,14 @@ Statistics are **sums plus counts** (``"<layer>/A"``, ``"<layer>/A_count"``, ``"
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .._loader import iterate_batches
 from ..gradients.capture import LayerCapture, LayerInfo
 from ..params import ParameterLayout
 from ..tasks import Task
-from ._base import check_finite_statistics
 from ._fisher import fisher_losses
 
 F64 = torch.float64
@@ -76,51 +74,56 @@ def input_statistics(info: LayerInfo, a: torch.Tensor, mask: torch.Tensor | None
     return rows.T @ rows, rows.shape[0]
 
 
-def collect_statistics(
+def _zero_statistics(info: LayerInfo, device) -> dict[str, torch.Tensor]:
+    """The statistics of a layer that did not run in a batch (all zeros, fixed shapes)."""
+    d_a = info.d_in + (info.bias is not None and info.kind != "embedding")
+    A_shape = (d_a,) if info.kind == "embedding" else (d_a, d_a)
+    zero = torch.zeros((), dtype=F64, device=device)
+    return {
+        f"{info.name}/A": torch.zeros(A_shape, dtype=F64, device=device),
+        f"{info.name}/A_count": zero.clone(),
+        f"{info.name}/S": torch.zeros(info.d_out, info.d_out, dtype=F64, device=device),
+        f"{info.name}/S_count": zero.clone(),
+    }
+
+
+def factor_statistics(
     model: nn.Module,
     task: Task,
-    loader: Iterable[Any],
+    batch: Any,
     layers: Mapping[str, LayerInfo],
     fisher_type: str,
     num_samples: int,
     generator: torch.Generator,
-    layout: ParameterLayout,
 ) -> dict[str, torch.Tensor]:
-    """Sums and counts of ``A`` and ``S`` for every layer, one forward+backward per batch.
+    """Sums and counts of ``A`` and ``S`` for every layer over one batch (one forward+backward).
 
-    Only gradients with respect to layer outputs are computed (no parameter gradients).
-    A batch with NaN/inf statistics raises, naming the offending examples (``layout`` is used
-    only then, to find them).
+    Only gradients with respect to layer outputs are computed (no parameter gradients). Every
+    layer gets all four keys, zeros when it did not run in this batch, so that batches and
+    ranks add key by key.
     """
+    device = next(model.parameters()).device
     stats: dict[str, torch.Tensor] = {}
-
-    def add(key: str, value) -> None:
-        value = torch.as_tensor(value, dtype=F64)
-        stats[key] = stats[key] + value.to(stats[key].device) if key in stats else value.clone()
-
-    offset = 0
-    for batch in iterate_batches(loader, "train_loader"):
-        n = task.num_examples(batch)
-        mask = token_mask(batch)
-        sums = []
-        with LayerCapture(dict(layers), batch_size=n) as cap:
-            losses = fisher_losses(model, task, batch, fisher_type, num_samples, generator)
-            for k, loss in enumerate(losses):
-                cap.backward(loss, retain_graph=k < len(losses) - 1)
-                for name, info in layers.items():
-                    if name not in cap.output_grads:
-                        continue  # the layer did not run in this forward
-                    s = cap.output_grads[name].to(F64).reshape(-1, info.d_out)
-                    sums.append(s.sum())
-                    add(f"{name}/S", s.T @ s)
-                    add(f"{name}/S_count", n)
-                    if k == 0:
-                        A, tokens = input_statistics(info, cap.inputs[name], mask)
-                        add(f"{name}/A", A)
-                        add(f"{name}/A_count", tokens)
-        if sums:
-            check_finite_statistics(torch.stack(sums), model, task, batch, layout, offset)
-        offset += n
+    for info in layers.values():
+        stats.update(_zero_statistics(info, device))
+    if not layers:
+        return stats
+    n = task.num_examples(batch)
+    mask = token_mask(batch)
+    with LayerCapture(dict(layers), batch_size=n) as cap:
+        losses = fisher_losses(model, task, batch, fisher_type, num_samples, generator)
+        for k, loss in enumerate(losses):
+            cap.backward(loss, retain_graph=k < len(losses) - 1)
+            for name, info in layers.items():
+                if name not in cap.output_grads:
+                    continue  # the layer did not run in this forward
+                s = cap.output_grads[name].to(F64).reshape(-1, info.d_out)
+                stats[f"{name}/S"] += (s.T @ s).to(device)
+                stats[f"{name}/S_count"] += n
+                if k == 0:
+                    A, tokens = input_statistics(info, cap.inputs[name], mask)
+                    stats[f"{name}/A"] += A.to(device)
+                    stats[f"{name}/A_count"] += tokens
     return stats
 
 
@@ -129,7 +132,7 @@ class KroneckerBlock:
 
     Rows of ``(n, P)`` are viewed per example as ``X (d_out × d_in')`` (the weight matrix with
     the bias as last column; the transposed weight for an Embedding, whose ``Q_A`` is the
-    identity). ``eigenvalues`` has shape ``(d_out, d_in')``: ``λ_S λ_Aᵀ`` for K-FAC, the
+    identity, and for a HuggingFace ``Conv1D``, whose weight is stored ``(d_in, d_out)``). ``eigenvalues`` has shape ``(d_out, d_in')``: ``λ_S λ_Aᵀ`` for K-FAC, the
     corrected second moments for EK-FAC.
     """
 
@@ -149,9 +152,12 @@ class KroneckerBlock:
     def to_matrix(self, X: torch.Tensor) -> torch.Tensor:
         """``(n, P) → (n, d_out, d_in')``."""
         n, info = X.shape[0], self.info
-        if info.kind == "embedding":
-            return X[:, self.weight].reshape(n, -1, info.d_out).transpose(1, 2)
-        W = X[:, self.weight].reshape(n, info.d_out, -1)
+        if info.kind == "embedding" or info.transposed:  # weight stored (d_in, d_out)
+            W = X[:, self.weight].reshape(n, -1, info.d_out).transpose(1, 2)
+            if info.kind == "embedding":
+                return W
+        else:
+            W = X[:, self.weight].reshape(n, info.d_out, -1)
         if self.bias is not None:
             W = torch.cat([W, X[:, self.bias][..., None]], dim=-1)
         return W
@@ -164,6 +170,8 @@ class KroneckerBlock:
         if self.bias is not None:
             out[:, self.bias] = W[..., -1]
             W = W[..., :-1]
+        if self.info.transposed:
+            W = W.transpose(1, 2)
         out[:, self.weight] = W.reshape(n, -1)
 
     def rotate(self, W: torch.Tensor) -> torch.Tensor:
@@ -194,13 +202,8 @@ def kronecker_blocks(
     """Normalises the summed statistics and eigendecomposes them (float64): K-FAC blocks."""
     blocks = []
     for name, info in layers.items():
-        if f"{name}/A" not in stats:  # the layer never ran: its gradient and curvature are 0
-            d_a = info.d_in + (info.bias is not None and info.kind != "embedding")
-            zero_a = torch.zeros(d_a, dtype=F64)
-            stats = {**stats, f"{name}/A_count": torch.ones((), dtype=F64),
-                     f"{name}/A": zero_a if info.kind == "embedding" else torch.diag(zero_a),
-                     f"{name}/S": torch.zeros(info.d_out, info.d_out, dtype=F64),
-                     f"{name}/S_count": torch.ones((), dtype=F64)}
+        if f"{name}/A" not in stats:  # no statistics for this layer: its curvature is 0
+            stats = {**stats, **_zero_statistics(info, "cpu")}
         A = stats[f"{name}/A"] / stats[f"{name}/A_count"].clamp_min(1)
         S = stats[f"{name}/S"] / stats[f"{name}/S_count"].clamp_min(1)
         lam_S, Q_S = _eigh(S)
@@ -230,30 +233,34 @@ def rotated_grads(block: KroneckerBlock, a: torch.Tensor, s: torch.Tensor) -> to
     return torch.einsum("bto,bti->boi", s, a)
 
 
-def correction_sums(
+def correction_statistics(
     model: nn.Module,
     task: Task,
-    loader: Iterable[Any],
+    batch: Any,
     blocks: list[KroneckerBlock],
     fisher_type: str,
     num_samples: int,
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
-    """EK-FAC's second pass: ``Σ_i Σ_k (Q_Sᵀ G_ik Q_A)²`` and counts per layer (float64)."""
+    """EK-FAC's second pass over one batch: ``Σ_i Σ_k (Q_Sᵀ G_ik Q_A)²`` and counts per layer.
+
+    Every block gets both keys (``"<layer>/corrections"``, ``"<layer>/corrections_count"``,
+    float64), zeros when the layer did not run in this batch.
+    """
     layers = {b.info.name: b.info for b in blocks}
     by_name = {b.info.name: b for b in blocks}
+    device = next(model.parameters()).device
     stats: dict[str, torch.Tensor] = {}
-    for batch in iterate_batches(loader, "train_loader"):
-        n = task.num_examples(batch)
-        with LayerCapture(layers, batch_size=n) as cap:
-            losses = fisher_losses(model, task, batch, fisher_type, num_samples, generator)
-            for k, loss in enumerate(losses):
-                cap.backward(loss, retain_graph=k < len(losses) - 1)
-                for name in cap.output_grads:
-                    sq = rotated_grads(by_name[name], cap.inputs[name], cap.output_grads[name])
-                    sq = sq.pow(2).sum(0)
-                    key = f"{name}/corrections"
-                    stats[key] = stats[key] + sq if key in stats else sq
-                    count = torch.as_tensor(float(n), dtype=F64)
-                    stats[f"{name}/corrections_count"] = stats.get(f"{name}/corrections_count", 0) + count
+    for b in blocks:
+        stats[f"{b.info.name}/corrections"] = torch.zeros(b.eigenvalues.shape, dtype=F64, device=device)
+        stats[f"{b.info.name}/corrections_count"] = torch.zeros((), dtype=F64, device=device)
+    n = task.num_examples(batch)
+    with LayerCapture(layers, batch_size=n) as cap:
+        losses = fisher_losses(model, task, batch, fisher_type, num_samples, generator)
+        for k, loss in enumerate(losses):
+            cap.backward(loss, retain_graph=k < len(losses) - 1)
+            for name in cap.output_grads:
+                sq = rotated_grads(by_name[name], cap.inputs[name], cap.output_grads[name])
+                stats[f"{name}/corrections"] += sq.pow(2).sum(0).to(device)
+                stats[f"{name}/corrections_count"] += n
     return stats

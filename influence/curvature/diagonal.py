@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._blocks import BlockCurvature, DiagonalBlock, coverage_report, index_of
-from ._fisher import check_fisher_options, fisher_diagonal_sums, make_generator
+from ._fisher import check_fisher_options, fisher_diagonal_statistics, make_generator
 
 
 class Diagonal(BlockCurvature):
@@ -41,17 +41,34 @@ class Diagonal(BlockCurvature):
         self.seed = seed
         self.chunk_size = chunk_size
 
+    # Fitting runs the statistics protocol of Curvature (sharded, checkpointed, all-reduced).
     def _fit(self, model, task, loader, layout):
         check_fisher_options(type(self).__name__, self.fisher_type, self.num_samples, task)
-        generator = make_generator(model, self.seed)
-        total, count = fisher_diagonal_sums(
-            model, task, loader, layout, self.fisher_type, self.num_samples, generator,
+        self._generator = make_generator(model, self.seed)
+        try:
+            super()._fit(model, task, loader, layout)
+        finally:
+            del self._generator
+
+    def _batch_statistics(self, model, task, batch, layout, pass_index):
+        total, count = fisher_diagonal_statistics(
+            model, task, batch, layout, self.fisher_type, self.num_samples, self._generator,
             chunk_size=self.chunk_size,
         )
-        self.statistics_ = {"diagonal/sum": total, "diagonal/count": count}
+        return {"diagonal/sum": total, "diagonal/count": count}
+
+    def _finalize(self, statistics, layout, pass_index):
+        self._set_statistics(dict(statistics), layout)
+
+    def _set_statistics(self, statistics, layout) -> None:
+        total, count = statistics["diagonal/sum"], statistics["diagonal/count"]
+        self.statistics_ = statistics
         self.diagonal_ = total / count.clamp_min(1)
         names = tuple(layout.names)
         self.blocks_ = [DiagonalBlock(names, index_of(layout, names), self.diagonal_)]
         self.coverage_ = coverage_report(layout, {n: "diagonal" for n in names})
         samples = self.num_samples if self.fisher_type == "true" else 1
         self.num_examples_ = int(count) // samples
+
+    def _restore(self, statistics, layout, model) -> None:
+        self._set_statistics(statistics, layout)

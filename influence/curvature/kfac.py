@@ -19,8 +19,8 @@ from ._blocks import (
     resolve_fallback,
     warn_fallback,
 )
-from ._fisher import check_fisher_options, fisher_diagonal_sums, make_generator
-from ._kronecker import collect_statistics, correction_sums, kronecker_blocks
+from ._fisher import check_fisher_options, fisher_diagonal_statistics, make_generator
+from ._kronecker import correction_statistics, factor_statistics, kronecker_blocks
 
 
 class KFAC(BlockCurvature):
@@ -88,27 +88,45 @@ class KFAC(BlockCurvature):
         self.chunk_size = chunk_size
 
     # ------------------------------------------------------------------------------ fitting
+    # Fitting runs the statistics protocol of Curvature (sharded across torch.distributed
+    # ranks, checkpointed, all-reduced): pass 0 sums the Kronecker factors and the fallback
+    # diagonal; EKFAC adds pass 1, the eigenvalue corrections in pass 0's eigenbasis.
     def _fit(self, model, task, loader, layout):
         owner = type(self).__name__
         check_fisher_options(owner, self.fisher_type, self.num_samples, task)
         check_vmappable_modes(model)
         self._plan(model, layout)
-        generator = make_generator(model, self.seed)
-        options = (self.fisher_type, self.num_samples, generator)
-        layers = self._layers
-        stats = collect_statistics(model, task, loader, layers, *options, layout) if layers else {}
+        self._generator = make_generator(model, self.seed)
+        try:
+            super()._fit(model, task, loader, layout)
+        finally:
+            del self._generator
+        warn_fallback(owner, model, self.coverage_, self._reasons)
+
+    def _batch_statistics(self, model, task, batch, layout, pass_index):
+        options = (self.fisher_type, self.num_samples, self._generator)
+        stats = factor_statistics(model, task, batch, self._layers, *options)
         diagonal = [n for n in layout.names if self._methods[n] == "diagonal"]
         if diagonal:
-            sub = _sub_layout(layout, diagonal)
-            stats["diagonal/sum"], stats["diagonal/count"] = fisher_diagonal_sums(
-                model, task, loader, sub, *options, chunk_size=self.chunk_size
+            stats["diagonal/sum"], stats["diagonal/count"] = fisher_diagonal_statistics(
+                model, task, batch, _sub_layout(layout, diagonal), *options, chunk_size=self.chunk_size
             )
-        self.statistics_ = stats
-        self.blocks_ = self._build(stats)
-        self._second_pass(model, task, loader, generator)
-        counts = [v for k, v in stats.items() if k.endswith("/S_count") or k == "diagonal/count"]
-        self.num_examples_ = int(max(counts)) // self._samples() if counts else 0
-        warn_fallback(owner, model, self.coverage_, self._reasons)
+        device = next(model.parameters()).device
+        stats["num_examples"] = torch.tensor(float(task.num_examples(batch)), dtype=torch.float64, device=device)
+        return stats
+
+    def _finalize(self, statistics, layout, pass_index):
+        self._set_statistics(dict(statistics))
+
+    def _set_statistics(self, statistics: dict[str, torch.Tensor]) -> None:
+        """Fitted state from summed statistics: ``statistics_``, ``blocks_``, ``num_examples_``."""
+        self.statistics_ = statistics
+        self.blocks_ = self._build(statistics)
+        self.num_examples_ = int(statistics["num_examples"])
+
+    def _restore(self, statistics, layout, model) -> None:
+        self._plan(model, layout)  # layers and fallbacks: from the model, as in the fit
+        self._set_statistics(statistics)
 
     def _plan(self, model, layout) -> None:
         """Which layers get Kronecker blocks and how the rest falls back (needs no data).
@@ -116,7 +134,7 @@ class KFAC(BlockCurvature):
         Sets ``_layers``, ``_methods`` (parameter → method), ``_layout`` and ``coverage_``;
         with ``statistics_``, this is all :meth:`_build` needs (e.g. to restore a saved fit).
         """
-        layers = supported_layers(model, layout)
+        layers = supported_layers(model, layout, include_transposed=True)
         tied = _tied_parameter_ids(model)
         self._reasons = {}
         for name, info in list(layers.items()):
@@ -129,12 +147,6 @@ class KFAC(BlockCurvature):
         methods.update(resolve_fallback(type(self).__name__, self.fallback, rest))
         self._layers, self._methods, self._layout = layers, methods, layout
         self.coverage_ = coverage_report(layout, methods)
-
-    def _samples(self) -> int:
-        return self.num_samples if self.fisher_type == "true" else 1
-
-    def _second_pass(self, model, task, loader, generator) -> None:
-        """Hook for EK-FAC's correction pass; K-FAC needs none."""
 
     def _build(self, stats: Mapping[str, torch.Tensor]) -> list:
         """Blocks from summed statistics: Kronecker, then diagonal and identity fallbacks."""
@@ -177,8 +189,7 @@ class KFAC(BlockCurvature):
                 f"merge_statistics: the statistics do not match this fit (keys differ: {diff[:6]}). "
                 "Merge statistics of the same model, parameters and curvature settings."
             )
-        self.statistics_ = {k: v + statistics[k].to(v) for k, v in self.statistics_.items()}
-        self.blocks_ = self._build(self.statistics_)
+        self._set_statistics({k: v + statistics[k].to(v) for k, v in self.statistics_.items()})
         return self
 
 
@@ -209,13 +220,24 @@ class EKFAC(KFAC):
         torch.Size([2, 4])
     """
 
-    def _second_pass(self, model, task, loader, generator) -> None:
+    _num_passes = 2
+
+    def _batch_statistics(self, model, task, batch, layout, pass_index):
+        if pass_index == 0:
+            return super()._batch_statistics(model, task, batch, layout, pass_index)
         kron = [b for b in self.blocks_ if b.method == "kronecker"]
-        if kron:
-            self.statistics_.update(
-                correction_sums(model, task, loader, kron, self.fisher_type, self.num_samples, generator)
-            )
-            self.blocks_ = self._build(self.statistics_)
+        options = (self.fisher_type, self.num_samples, self._generator)
+        stats = correction_statistics(model, task, batch, kron, *options) if kron else {}
+        device = next(model.parameters()).device
+        stats["num_examples"] = torch.tensor(float(task.num_examples(batch)), dtype=torch.float64, device=device)
+        return stats
+
+    def _finalize(self, statistics, layout, pass_index):
+        if pass_index == 0:
+            return super()._finalize(statistics, layout, pass_index)
+        statistics = dict(statistics)
+        del statistics["num_examples"]  # pass 0's count stays
+        self._set_statistics({**self.statistics_, **statistics})
 
     def _eigenvalues(self, block, stats):
         key = f"{block.info.name}/corrections"
