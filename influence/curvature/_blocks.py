@@ -139,7 +139,7 @@ def warn_fallback(
         why = f", {reason}" if reason else ""
         parts.append(f"{key or '<root>'} ({kind}{why}, {entry['num_params']} params) -> {entry['method']}")
     warnings.warn(
-        f"{owner}: {len(fell)} module(s) are not Linear/Conv2d/Embedding layers with all their "
+        f"{owner}: {len(fell)} module(s) are not Linear/Conv2d/Embedding/HF Conv1D layers with all their "
         f"parameters attributed and fall back: {'; '.join(parts)}. Choose with "
         "fallback='diagonal'|'identity' or {pattern: method}; see coverage_.",
         FallbackWarning,

@@ -1,4 +1,4 @@
-"""Kronecker factors of Linear, Conv2d and Embedding layers, collected by hooks.
+"""Kronecker factors of Linear, Conv2d, Embedding and HF Conv1D layers, collected by hooks.
 
 For a layer with inputs ``a_t`` (bias as a homogeneous coordinate: ``a_t ← [a_t, 1]``; Conv2d:
 unfolded patches) and output gradients ``s_t = ∂ℓ/∂(output_t)`` at tokens ``t`` of example
@@ -16,11 +16,15 @@ there is one example with one token, and under K-FAC's independence assumption i
 ``F``'s scale for any ``T`` (Grosse & Martens 2016 for Conv2d). Padding tokens (a batch's
 ``attention_mask == 0``) are left out of ``A`` and ``M``. For an Embedding, ``a_t`` is the one-hot
 of the token id, so ``A`` is diagonal (token frequencies; ``padding_idx`` excluded, its gradient
-is zero) and the block is ``A ⊗ S`` over the ``(num_embeddings, dim)`` weight.
+is zero) and the block is ``A ⊗ S`` over the ``(num_embeddings, dim)`` weight. HuggingFace's
+``Conv1D`` (GPT-2) is a Linear whose weight is stored ``(d_in, d_out)``: same factors, and
+:class:`KroneckerBlock` reads its weight coordinates transposed.
 
 Statistics are **sums plus counts** (``"<layer>/A"``, ``"<layer>/A_count"``, ``"<layer>/S"``,
-``"<layer>/S_count"``, float64) so that processes can add them (all-reduce) before
-:func:`kronecker_blocks` normalises and eigendecomposes.
+``"<layer>/S_count"``, float64), one batch at a time (:func:`factor_statistics`,
+:func:`correction_statistics`), every key present for every batch, so that the fitting driver
+adds them over batches and processes (all-reduce) before :func:`kronecker_blocks` normalises
+and eigendecomposes.
 """
 
 from __future__ import annotations

@@ -202,6 +202,14 @@ class LayerCapture:
 
     def _hook(self, name: str, info: LayerInfo) -> Callable:
         def hook(module, args, output):
+            x = args[0].detach()
+            if not output.requires_grad:  # nothing upstream needs a gradient: make it a leaf
+                output = output.detach().requires_grad_(True)
+            if self.batch_size is not None and self.batch_size > 1 and output.dim() > 0 and output.shape[0] == 1:
+                # an input shared by the whole batch (e.g. GPT-2's (1, T) position ids): expand
+                # it so that every example gets its own output, hence its own output gradient
+                output = output.expand(self.batch_size, *output.shape[1:])
+                x = x.expand(self.batch_size, *x.shape[1:])
             if self.batch_size is not None and (output.dim() == 0 or output.shape[0] != self.batch_size):
                 raise InfluenceError(
                     f"Layer {name!r} produced an output of shape {tuple(output.shape)} whose "
@@ -211,9 +219,7 @@ class LayerCapture:
                     "of the attributed parameters."
                 )
             if self.need_inputs:
-                self._inputs[name].append(_tokens_in(info, args[0].detach()))
-            if not output.requires_grad:  # nothing upstream needs a gradient: make it a leaf
-                output = output.detach().requires_grad_(True)
+                self._inputs[name].append(_tokens_in(info, x))
             self._outputs[name].append(output)
             return output
 
