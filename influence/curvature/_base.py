@@ -139,11 +139,11 @@ class Curvature(ParamsMixin, ABC):
     # state (a later pass may use the state set by an earlier one). Examples:
     #
     # - Exact: ``{"matrix": Σ_j C_j, "num_examples": N}``;
-    # - Diagonal: ``{"diagonal": Σ_j g_j², "num_examples": N}``;
-    # - K-FAC: per layer ``{"<layer>/A": Σ a aᵀ, "<layer>/G": Σ g gᵀ, "<layer>/count": ...}``,
+    # - Diagonal: ``{"diagonal/sum": Σ_j g_j², "diagonal/count": N}``;
+    # - K-FAC: per layer ``{"<layer>/A": Σ a aᵀ, "<layer>/S": Σ s sᵀ, "<layer>/A_count", ...}``,
     #   finalised into covariances and eigendecompositions;
     # - EK-FAC: pass 0 as K-FAC; pass 1 sums the squared eigenbasis projections of the
-    #   per-example gradients (the corrected eigenvalues);
+    #   per-example gradients (``"<layer>/corrections"``, the corrected eigenvalues);
     # - CG/LiSSA/Arnoldi keep their ``_fit`` and average their Hessian-vector products across
     #   ranks at solve time with :func:`influence.distributed.all_reduce_sum` (sum of the shard
     #   products and counts, then divide).
@@ -207,7 +207,7 @@ class Curvature(ParamsMixin, ABC):
 
         ``model`` is the (verified) model the state was fitted on, for curvatures whose state
         refers to its modules: e.g. K-FAC saves its ``statistics_`` sums and rebuilds its
-        blocks from them and ``supported_layers(model, layout)`` here.
+        blocks from them and the layers it plans from ``model`` and ``layout`` here.
         """
         dict_keys = set(metadata.get("dict_keys", []))
         for key in dict_keys:

@@ -14,7 +14,9 @@ class Diagonal(BlockCurvature):
     drawn from the model's predictive distribution (seeded by ``seed``). Per-example gradients
     come from :func:`~influence.gradients.per_sample_grads`, so any module is covered.
     ``solve(G) = G / (d + λ)``. Fitted: ``blocks_``, ``diagonal_``, ``coverage_``,
-    ``statistics_`` (sums and counts, addable across processes), ``num_examples_``.
+    ``statistics_`` (sums and counts), ``num_examples_``. Fitting runs the statistics protocol
+    (sharded and all-reduced under ``torch.distributed``, resumable with ``checkpoint_dir``);
+    saving stores ``statistics_``.
 
     Examples:
         >>> import torch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
@@ -27,8 +27,8 @@ class KFAC(BlockCurvature):
     """K-FAC: per layer ``F_l ≈ S ⊗ A`` (Martens & Grosse 2015; Grosse & Martens 2016 for conv).
 
     ``nn.Linear`` (bias as a homogeneous input coordinate, leading dimensions as tokens),
-    ``nn.Conv2d`` (unfolded patches) and ``nn.Embedding`` (diagonal ``A``) get one Kronecker block
-    each, with ``A`` the per-token mean of input outer products and ``S`` the per-example mean of
+    ``nn.Conv2d`` (unfolded patches), ``nn.Embedding`` (diagonal ``A``) and HuggingFace
+    ``Conv1D`` (GPT-2; weight stored ``(d_in, d_out)``) get one Kronecker block each, with ``A`` the per-token mean of input outer products and ``S`` the per-example mean of
     token-summed output-gradient outer products (exact normalisation in
     :mod:`influence.curvature._kronecker`), so that ``S ⊗ A`` approximates the layer's block of the
     Fisher of the **mean** loss ``F = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ`` (``fisher_type``: ``"true"`` samples
@@ -55,6 +55,11 @@ class KFAC(BlockCurvature):
     Fitted attributes: ``blocks_``, ``coverage_`` (``{module: {"method", "parameters",
     "num_params"}}``, every parameter once), ``statistics_`` (float64 **sums and counts**, see
     :meth:`merge_statistics`), ``num_examples_``.
+
+    Fitting runs the statistics protocol of :class:`~influence.curvature.Curvature`: under
+    ``torch.distributed`` each rank sums the statistics of its shard and one all-reduce
+    combines them; ``checkpoint_dir`` makes the fit resumable. Saving stores ``statistics_``;
+    loading rebuilds the blocks from it and the model.
 
     Examples:
         >>> import torch
@@ -205,9 +210,9 @@ class EKFAC(KFAC):
     computed per layer from the captured ``a`` and ``s`` (no flat per-example gradients). ``Λ``
     is the Frobenius-optimal diagonal in that basis, so each block is at least as close to the
     Fisher as K-FAC's. The correction sums are kept in ``statistics_``
-    (``"<layer>/corrections"``, ``"<layer>/corrections_count"``); across processes they must be
-    summed in a common eigenbasis: all-reduce the ``A``/``S`` statistics first, then run the
-    correction pass on each shard and all-reduce the corrections.
+    (``"<layer>/corrections"``, ``"<layer>/corrections_count"``). They are pass 1 of the
+    statistics protocol, in the eigenbasis of pass 0 (K-FAC's factors, already all-reduced
+    across processes, hence the same basis on every rank); then they are all-reduced too.
 
     Examples:
         >>> import torch

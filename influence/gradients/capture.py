@@ -172,7 +172,10 @@ class LayerCapture:
         a, g = cap.inputs["fc1"], cap.output_grads["fc1"]
 
     ``backward`` may be given any per-example scalar function of the forward (e.g. the loss
-    with sampled targets for the true Fisher). Set ``need_inputs=False`` to skip storing
+    with sampled targets for the true Fisher). With ``batch_size`` set, a layer whose input is
+    shared by the whole batch (first dimension 1, e.g. GPT-2's ``(1, T)`` position ids) has its
+    output expanded to ``batch_size`` (the forward computes the same values), so that each
+    example gets its own output gradient; any other first dimension raises. Set ``need_inputs=False`` to skip storing
     inputs (e.g. when only output gradients are needed).
     """
 
