@@ -6,6 +6,7 @@ training example ``j`` helps query ``i`` (up-weighting it lowers the query's los
 
 from ._params_base import clone
 from .curvature import CURVATURES, Curvature, Exact, Identity
+from .curvature import CG, Arnoldi, CGInfo, CurvatureOperator, DataInf, LiSSA, block_cg
 from .estimator import InfluenceEstimator
 from .exceptions import (
     BatchFormatError,
@@ -32,6 +33,14 @@ __all__ = [
     "Curvature",
     "Exact",
     "Identity",
+    # matrix-free curvature
+    "CurvatureOperator",
+    "CG",
+    "CGInfo",
+    "block_cg",
+    "LiSSA",
+    "Arnoldi",
+    "DataInf",
     # tasks
     "Task",
     "OutputTask",

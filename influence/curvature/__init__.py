@@ -5,9 +5,27 @@ subclass and add it to ``CURVATURES``; the conformance tests then run on it.
 """
 
 from ._base import Curvature
+from ._operator import CurvatureOperator
+from .arnoldi import Arnoldi
+from .cg import CG, CGInfo, block_cg
+from .datainf import DataInf
 from .exact import Exact
 from .identity import Identity
+from .lissa import LiSSA
 
-CURVATURES: tuple[type[Curvature], ...] = (Identity, Exact)
+CURVATURES: tuple[type[Curvature], ...] = (Identity, Exact, CG, LiSSA, Arnoldi, DataInf)
 
-__all__ = ["CURVATURES", "Curvature", "Exact", "Identity"]
+__all__ = [
+    "CURVATURES",
+    "Curvature",
+    "Exact",
+    "Identity",
+    # matrix-free
+    "CurvatureOperator",
+    "CG",
+    "CGInfo",
+    "block_cg",
+    "LiSSA",
+    "Arnoldi",
+    "DataInf",
+]
