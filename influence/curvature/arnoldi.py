@@ -77,7 +77,7 @@ class Arnoldi(OperatorCurvature):
 
     Args:
         damping: ``λ``.
-        rank: eigenpairs kept.
+        rank: eigenpairs kept (capped at the number of parameters ``P``).
         curvature_type: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
         num_iters: Krylov dimension (``None``: ``min(P, 2·rank)``); at least ``rank``.
         off_subspace: ``"damping"`` or ``"zero"``.
@@ -120,15 +120,14 @@ class Arnoldi(OperatorCurvature):
 
     def _fit(self, model, task, loader, layout):
         P = layout.num_params
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= P:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"Arnoldi: rank must be a positive integer; got {self.rank!r}.")
+        rank = min(self.rank, P)
+        iters = min(P, 2 * rank) if self.num_iters is None else self.num_iters
+        if isinstance(iters, bool) or not isinstance(iters, int) or not rank <= iters <= P:
             raise ValueError(
-                f"Arnoldi: rank must be an integer in [1, {P}] ({P} = attributed parameters); "
-                f"got {self.rank!r}."
-            )
-        iters = min(P, 2 * self.rank) if self.num_iters is None else self.num_iters
-        if isinstance(iters, bool) or not isinstance(iters, int) or not self.rank <= iters <= P:
-            raise ValueError(
-                f"Arnoldi: num_iters must be an integer in [rank={self.rank}, {P}]; got {iters!r}."
+                f"Arnoldi: num_iters must be an integer in [rank={rank}, {P}] ({P} = attributed "
+                f"parameters); got {iters!r}."
             )
         if self.off_subspace not in OFF_SUBSPACE:
             raise ValueError(
@@ -136,8 +135,8 @@ class Arnoldi(OperatorCurvature):
             )
         operator = self._make_operator(model, task, loader, layout)
         values, vectors = lanczos(operator.matmat, P, iters, self.seed, operator.device)
-        self.eigenvalues_ = values[: self.rank]
-        self.eigenvectors_ = vectors[:, : self.rank].contiguous()
+        self.eigenvalues_ = values[:rank]
+        self.eigenvectors_ = vectors[:, :rank].contiguous()
 
     def _shifted(self, damping: float) -> torch.Tensor:
         """``μ + λ``, checked positive (needed to invert or take square roots)."""

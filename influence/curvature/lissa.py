@@ -82,8 +82,9 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
         True
     """
 
-    conformance_rtol = 0.05
-    conformance_params = {"depth": 300, "num_repeats": 4}
+    # two minibatches of a rank-deficient problem: the minibatch-noise floor is ~0.1
+    conformance_rtol = 0.2
+    conformance_params = {"depth": 40}
 
     def __init__(
         self,
