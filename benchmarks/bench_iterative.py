@@ -32,7 +32,7 @@ from influence.lm import TinyLM, TinyLMConfig
 
 RESULTS = Path(__file__).parent / "results"
 DAMPING = 1e-2
-POWER_ITERS = 10  # LiSSA scale="auto" estimate
+POWER_ITERS = 5  # LiSSA scale="auto" estimate
 
 
 def mlp_problem(smoke: bool):
@@ -62,7 +62,7 @@ def budgets(smoke: bool):
     if smoke:
         return {"CG": [2, 5], "LiSSA": [5, 10], "Arnoldi": [2, 5]}
     # kept small: one product costs ~0.5-4 s on the shared 2-core machine
-    return {"CG": [5, 20], "LiSSA": [10, 40], "Arnoldi": [5, 20]}
+    return {"CG": [5, 15], "LiSSA": [10, 25], "Arnoldi": [5, 10]}
 
 
 def build(method: str, budget: int):

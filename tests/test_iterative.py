@@ -223,3 +223,17 @@ def test_arnoldi_errors(logreg):
     indefinite = Arnoldi(damping=1e-6, rank=51, num_iters=51).fit(mlp, task, [(x, y)])
     with pytest.raises(CurvatureError, match=r"indefinite curvature\). Use curvature_type='ggn'"):
         indefinite.solve(torch.randn(1, 51, dtype=zoo.DT))
+
+
+def test_estimator_with_cg_and_datainf(logreg):
+    from influence import DataInf, InfluenceEstimator
+
+    model, task, _, mini, exact, _ = logreg
+    scores = {}
+    for name, cur in (("cg", CG(damping=WD, rtol=1e-12)), ("exact", Exact(damping=WD)),
+                      ("datainf", DataInf())):
+        est = InfluenceEstimator(cur, task, score_dtype=torch.float64).fit(model, mini)
+        scores[name] = est.pairwise_scores(mini[:1])
+    assert scores["cg"].shape == (10, 40)
+    torch.testing.assert_close(scores["cg"], scores["exact"], rtol=1e-6, atol=1e-9)
+    assert torch.isfinite(scores["datainf"]).all()
