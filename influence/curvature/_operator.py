@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_unflatten
 
 from .._loader import iterate_batches
+from .._params_base import check_is_fitted
 from ..gradients.functional import per_sample_grads, split_batch
 from ..params import ParameterLayout
 from ..tasks import Task
@@ -186,8 +187,6 @@ class OperatorCurvature(Curvature):
 
     def exact_matmat(self, V: torch.Tensor, damping: float | None = None) -> torch.Tensor:
         """The true ``(C + λI)`` on the rows of ``V``, whatever this curvature approximates."""
-        from .._params_base import check_is_fitted
-
         check_is_fitted(self, "layout_", "exact_matmat()")
         V = self._check_rows(V, "V")
         return self._exact_matmat(V, self._damping(damping)).to(V.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._params_base import check_is_fitted
 from ..exceptions import CurvatureError
 from ._operator import OperatorCurvature
 
@@ -178,8 +179,6 @@ class Arnoldi(OperatorCurvature):
 
         ``project(G_test) @ project(G_train).T`` is the subspace part of the scores.
         """
-        from .._params_base import check_is_fitted
-
         check_is_fitted(self, "layout_", "project()")
         G = self._check_rows(G, "G")
         U = self.eigenvectors_

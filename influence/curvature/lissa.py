@@ -76,9 +76,9 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
         >>> torch.manual_seed(0) and None
         >>> model = torch.nn.Linear(3, 2).double()
         >>> loader = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
-        >>> lissa = LiSSA(damping=0.1, depth=400).fit(model, ClassificationTask(), loader)
+        >>> lissa = LiSSA(damping=0.1, depth=100).fit(model, ClassificationTask(), loader)
         >>> G = torch.randn(2, 8, dtype=torch.float64)
-        >>> bool(lissa.residual(G).max() < 1e-6)
+        >>> bool(lissa.residual(G).max() < 1e-4)
         True
     """
 
