@@ -72,3 +72,29 @@ def test_top_eigenvalue_and_fisher_diagonal():
     top = float(torch.linalg.eigvalsh(dense)[-1])
     assert abs(op.top_eigenvalue(num_iters=60) - top) < 1e-3 * top
     torch.testing.assert_close(op.mean_squared_gradients(), dense.diagonal(), rtol=1e-9, atol=1e-12)
+
+
+def test_non_finite_products_name_the_examples():
+    from influence import CG, NonFiniteGradientError
+
+    model, task, loader, _ = mlp_problem()
+    x, y = loader[1]
+    x = x.clone()
+    x[2, 0] = float("nan")  # global example index 4 + 2 = 6
+    loader = [loader[0], (x, y)]
+    cg = CG(damping=0.1, curvature_type="ggn").fit(model, task, loader)
+    with pytest.raises(NonFiniteGradientError, match=r"curvature statistics .* at indices \[6\]"):
+        cg.solve(torch.ones(1, cg.num_params_, dtype=zoo.DT))
+
+
+def test_non_finite_lissa_minibatch_names_the_examples():
+    from influence import LiSSA, NonFiniteGradientError
+
+    model, task, loader, _ = mlp_problem()
+    x, y = loader[2]
+    x = x.clone()
+    x[1, 0] = float("inf")  # global example index 8 + 1 = 9
+    loader = [loader[0], loader[1], (x, y)]
+    lissa = LiSSA(damping=0.1, curvature_type="ggn", depth=30, scale=10.0).fit(model, task, loader)
+    with pytest.raises(NonFiniteGradientError, match=r"at indices \[9\]"):
+        lissa.solve(torch.ones(1, lissa.num_params_, dtype=zoo.DT))

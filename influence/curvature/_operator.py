@@ -23,7 +23,7 @@ from .._params_base import check_is_fitted
 from ..gradients.functional import per_sample_grads, split_batch
 from ..params import ParameterLayout
 from ..tasks import Task
-from ._base import Curvature
+from ._base import Curvature, check_finite_statistics
 from ._products import batch_matmat, check_curvature_type
 
 
@@ -106,22 +106,33 @@ class CurvatureOperator:
             self._list = list(self.batches())
         return self._list
 
-    def batch_matmat(self, batch: Any, V: torch.Tensor) -> torch.Tensor:
-        """``C_batch V``: the mean curvature of one batch on the rows of ``V`` (float64)."""
+    def _product(self, batch: Any, V: torch.Tensor, offset: int) -> torch.Tensor:
         out = batch_matmat(
-            self.curvature_type, self.model, self.task, self.layout, batch,
-            V.to(self.device, self.dtype), self.chunk_size,
+            self.curvature_type, self.model, self.task, self.layout, batch, V, self.chunk_size
         )
-        return out.double() / self.task.num_examples(batch)
+        check_finite_statistics(out, self.model, self.task, batch, self.layout, offset)
+        return out.double()
+
+    def batch_matmat(self, batch: Any, V: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """``C_batch V``: the mean curvature of one batch on the rows of ``V`` (float64).
+
+        ``offset``, the batch's first example index, only labels errors.
+        """
+        out = self._product(batch, V.to(self.device, self.dtype), offset)
+        return out / self.task.num_examples(batch)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``C V`` on the rows of ``V`` (``(n, P)``), in float64 on the parameters' device."""
+        """``C V`` on the rows of ``V`` (``(n, P)``), in float64 on the parameters' device.
+
+        Raises:
+            NonFiniteGradientError: when a batch's products are NaN/inf (names the examples).
+        """
         out = torch.zeros(V.shape, dtype=torch.float64, device=self.device)
         Vm = V.to(self.device, self.dtype)
+        offset = 0
         for batch in self.batches():
-            out += batch_matmat(
-                self.curvature_type, self.model, self.task, self.layout, batch, Vm, self.chunk_size
-            ).double()
+            out += self._product(batch, Vm, offset)
+            offset += self.task.num_examples(batch)
         return out / self.num_examples
 
     def top_eigenvalue(self, num_iters: int = 20, seed: int = 0) -> float:

@@ -158,14 +158,17 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
                 "invert. Use damping > 0."
             )
         batches = operator.batch_list()
+        offsets = [0]
+        for batch in batches[:-1]:
+            offsets.append(offsets[-1] + operator.task.num_examples(batch))
         b_norm = B.norm(dim=1)
         total = torch.zeros_like(B)
         for repeat in range(self.num_repeats):
             generator = torch.Generator().manual_seed(self.seed + repeat)
             x = B.clone()
             for t in range(self.depth):
-                batch = batches[int(torch.randint(len(batches), (1,), generator=generator))]
-                step = B - (operator.batch_matmat(batch, x) + damping * x) / s
+                i = int(torch.randint(len(batches), (1,), generator=generator))
+                step = B - (operator.batch_matmat(batches[i], x, offsets[i]) + damping * x) / s
                 size = step.norm(dim=1)
                 if not bool(torch.isfinite(size).all()) or bool((size > _DIVERGENCE * b_norm).any()):
                     raise CurvatureError(
