@@ -31,6 +31,14 @@ from influence import CG, Arnoldi, ClassificationTask, LanguageModelingTask, LiS
 from influence.lm import TinyLM, TinyLMConfig
 
 RESULTS = Path(__file__).parent / "results"
+NOTES = """
+Notes: CG's residual is not monotone in max_iter (CG minimises the error in the A-norm, not
+the residual). LiSSA with scale="auto" (s = 2·μ_max + λ) contracts by 1 − (μ + λ)/s per step, so
+with λ = 0.01 it needs thousands of steps on these problems; depths 10–25 barely move. Arnoldi's
+default off_subspace="damping" applies 1/λ to the unresolved spectrum, so its residual there is
+‖C g_off‖/λ and grows with the tail of the spectrum (large on the LM); off_subspace="zero"
+(Schioppa's projection) keeps the residual ≤ 1 by dropping that part instead.
+"""
 DAMPING = 1e-2
 POWER_ITERS = 5  # LiSSA scale="auto" estimate
 
@@ -132,7 +140,7 @@ def main() -> None:
         f"torch {meta['torch']}, {meta['threads']} threads (shared CPU: times are noisy). "
         "Residual = ‖(C+λI)x − g‖/‖g‖ against the exact matrix-free operator."
     )
-    (RESULTS / f"bench_iterative{suffix}.md").write_text(markdown(rows, header))
+    (RESULTS / f"bench_iterative{suffix}.md").write_text(markdown(rows, header) + NOTES)
 
 
 if __name__ == "__main__":
