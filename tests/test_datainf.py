@@ -107,3 +107,10 @@ def test_arnoldi_and_lissa_residuals_use_the_exact_operator(problem):
             torch.testing.assert_close(cur.residual(G), expected)
         assert float(expected.min()) > 1e-4
 
+
+
+def test_stored_gradients_keep_no_graph(problem):
+    model, task, loader, G = problem
+    cur = DataInf(damping=0.05).fit(model, task, loader, params=["2.*"])
+    assert not cur.train_grads_.requires_grad
+    assert not cur.solve(G[:, :21]).requires_grad

@@ -237,3 +237,24 @@ def test_estimator_with_cg_and_datainf(logreg):
     assert scores["cg"].shape == (10, 40)
     torch.testing.assert_close(scores["cg"], scores["exact"], rtol=1e-6, atol=1e-9)
     assert torch.isfinite(scores["datainf"]).all()
+
+
+def test_lissa_zero_curvature_without_damping_raises():
+    model = torch.nn.Linear(2, 2).to(zoo.DT)
+    loader = [(torch.zeros(4, 2, dtype=zoo.DT), torch.tensor([0, 1, 0, 1]))]
+    lissa = LiSSA(damping=0.0, curvature_type="fisher", depth=2, power_iters=2)
+    lissa.fit(model, ClassificationTask(), loader, params=["weight"])  # zero input: C = 0
+    assert lissa.top_eigenvalue_ == 0.0
+    with pytest.raises(CurvatureError, match="found a zero curvature and damping is 0"):
+        lissa.solve(torch.ones(1, 4, dtype=zoo.DT))
+    with pytest.raises(ValueError, match="power_iters must be a positive integer"):
+        LiSSA(power_iters=0).fit(model, ClassificationTask(), loader)
+
+
+def test_project_and_exact_matmat_need_fit():
+    from influence import NotFittedError
+
+    with pytest.raises(NotFittedError, match=r"call fit\(...\) before project\(\)"):
+        Arnoldi().project(torch.ones(1, 3))
+    with pytest.raises(NotFittedError, match=r"before exact_matmat\(\)"):
+        CG().exact_matmat(torch.ones(1, 3))

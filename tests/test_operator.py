@@ -98,3 +98,14 @@ def test_non_finite_lissa_minibatch_names_the_examples():
     lissa = LiSSA(damping=0.1, curvature_type="ggn", depth=30, scale=10.0).fit(model, task, loader)
     with pytest.raises(NonFiniteGradientError, match=r"at indices \[9\]"):
         lissa.solve(torch.ones(1, lissa.num_params_, dtype=zoo.DT))
+
+
+def test_products_keep_no_autograd_graph_of_unselected_parameters():
+    model, task, loader, _ = mlp_problem()
+    layout = select_parameters(model, ["2.weight"])  # other parameters still require grad
+    op = CurvatureOperator("fisher", model, task, layout, loader)
+    dense = dense_fisher(model, task, loader, ["2.weight"])
+    V = torch.randn(2, layout.num_params, dtype=zoo.DT)
+    out = op.matmat(V)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, V @ dense, rtol=1e-9, atol=1e-11)
