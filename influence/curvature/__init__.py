@@ -11,15 +11,22 @@ from .cg import CG, CGInfo, block_cg
 from .datainf import DataInf
 from .exact import Exact
 from .identity import Identity
+from .diagonal import Diagonal
+from .kfac import EKFAC, KFAC
 from .lissa import LiSSA
 
-CURVATURES: tuple[type[Curvature], ...] = (Identity, Exact, CG, LiSSA, Arnoldi, DataInf)
+CURVATURES: tuple[type[Curvature], ...] = (Identity, Exact)
+CURVATURES += (Diagonal, KFAC, EKFAC)
+CURVATURES += (CG, LiSSA, Arnoldi, DataInf)
 
 __all__ = [
     "CURVATURES",
     "Curvature",
+    "Diagonal",
+    "EKFAC",
     "Exact",
     "Identity",
+    "KFAC",
     # matrix-free
     "CurvatureOperator",
     "CG",

@@ -126,9 +126,116 @@ class Curvature(ParamsMixin, ABC):
         return self.layout_.num_params
 
     # ----------------------------------------------------------------------------- hooks
-    @abstractmethod
     def _fit(self, model: nn.Module, task: Task, loader: Iterable[Any], layout: ParameterLayout) -> None:
-        """Computes the fitted state (attributes ending in ``_``)."""
+        """Computes the fitted state (attributes ending in ``_``).
+
+        The default runs the statistics protocol below (sharded across ranks, checkpointed,
+        with a progress bar); a curvature that does not implement the protocol overrides
+        ``_fit`` instead (then under ``torch.distributed`` every rank fits on the full loader).
+        """
+        from .._fitting import fit_statistics
+
+        fit_statistics(self, model, task, loader, layout)
+
+    # ----------------------------------------------------------------------------- statistics
+    # The statistics protocol makes a fit data-parallel and resumable with no code of its own.
+    # A fit is ``_num_passes`` passes over the training loader. In pass ``p``,
+    # ``_batch_statistics(..., p)`` returns a dict of tensors that are **sums over the batch's
+    # examples** (the example count included, e.g. ``"num_examples"``); the driver adds them
+    # over the batches (and, under torch.distributed, over the ranks with one all-reduce) and
+    # calls ``_finalize(totals, layout, p)``, which divides by the counts and sets the fitted
+    # state (a later pass may use the state set by an earlier one). Examples:
+    #
+    # - Exact: ``{"matrix": Σ_j C_j, "num_examples": N}``;
+    # - Diagonal: ``{"diagonal": Σ_j g_j², "num_examples": N}``;
+    # - K-FAC: per layer ``{"<layer>/A": Σ a aᵀ, "<layer>/G": Σ g gᵀ, "<layer>/count": ...}``,
+    #   finalised into covariances and eigendecompositions;
+    # - EK-FAC: pass 0 as K-FAC; pass 1 sums the squared eigenbasis projections of the
+    #   per-example gradients (the corrected eigenvalues);
+    # - CG/LiSSA/Arnoldi keep their ``_fit`` and average their Hessian-vector products across
+    #   ranks at solve time with :func:`influence.distributed.all_reduce_sum` (sum of the shard
+    #   products and counts, then divide).
+    _num_passes: int = 1
+
+    def _batch_statistics(
+        self, model: nn.Module, task: Task, batch: Any, layout: ParameterLayout, pass_index: int
+    ) -> dict[str, torch.Tensor]:
+        """Sums over the batch's examples of everything the fit needs (see above)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} implements neither _fit nor the statistics protocol "
+            "(_batch_statistics and _finalize)."
+        )
+
+    def _finalize(self, statistics: dict[str, torch.Tensor], layout: ParameterLayout, pass_index: int) -> None:
+        """Sets the fitted state from the statistics summed over all batches (and ranks)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _finalize.")
+
+    @classmethod
+    def _uses_statistics(cls) -> bool:
+        """True when the curvature fits through the statistics protocol."""
+        return cls._batch_statistics is not Curvature._batch_statistics
+
+    # ----------------------------------------------------------------------------- state
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted state as named tensors, for :meth:`InfluenceEstimator.save`.
+
+        The default exports every public fitted attribute (ending in ``_``) that is a tensor,
+        or a dict of tensors (as ``"attr/key"``); other fitted values go to
+        :meth:`_state_metadata`. Override both with :meth:`_load_state` for other layouts.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self._fitted_items():
+            if isinstance(value, torch.Tensor):
+                out[key] = value
+            elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                out.update({f"{key}/{k}": v for k, v in value.items()})
+        return out
+
+    def _state_metadata(self) -> dict[str, Any]:
+        """The fitted values that are not tensors (JSON-able scalars, strings, lists)."""
+        out: dict[str, Any] = {"dict_keys": []}
+        for key, value in self._fitted_items():
+            if isinstance(value, torch.Tensor):
+                continue
+            if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                out["dict_keys"].append(key)
+            elif value is None or isinstance(value, (bool, int, float, str)) or _is_json(value):
+                out[key] = value
+            else:
+                raise NotImplementedError(
+                    f"{type(self).__name__}.{key} is a {type(value).__name__}: override "
+                    "_state_tensors, _state_metadata and _load_state to save this curvature."
+                )
+        return out
+
+    def _load_state(
+        self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], layout: ParameterLayout, model: nn.Module
+    ) -> None:
+        """Restores the state exported by :meth:`_state_tensors` and :meth:`_state_metadata`.
+
+        ``model`` is the (verified) model the state was fitted on, for curvatures whose state
+        refers to its modules: e.g. K-FAC saves its ``statistics_`` sums and rebuilds its
+        blocks from them and ``supported_layers(model, layout)`` here.
+        """
+        dict_keys = set(metadata.get("dict_keys", []))
+        for key in dict_keys:
+            setattr(self, key, {})
+        for name, tensor in tensors.items():
+            key, _, sub = name.partition("/")
+            if key in dict_keys:
+                getattr(self, key)[sub] = tensor
+            else:
+                setattr(self, key, tensor)
+        for key, value in metadata.items():
+            if key != "dict_keys":
+                setattr(self, key, value)
+        self.layout_ = layout
+
+    def _fitted_items(self) -> list[tuple[str, Any]]:
+        return [
+            (k, v) for k, v in vars(self).items()
+            if k.endswith("_") and not k.startswith("_") and k != "layout_"
+        ]
 
     @abstractmethod
     def _solve(self, G: torch.Tensor, damping: float) -> torch.Tensor:
@@ -167,6 +274,16 @@ class Curvature(ParamsMixin, ABC):
         if not G.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor; got dtype {G.dtype}.")
         return G
+
+
+def _is_json(value: Any) -> bool:
+    import json
+
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def check_finite_statistics(
