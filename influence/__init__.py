@@ -7,6 +7,7 @@ training example ``j`` helps query ``i`` (up-weighting it lowers the query's los
 from . import evaluation
 from ._params_base import clone
 from .curvature import CURVATURES, EKFAC, KFAC, Curvature, Diagonal, Exact, Identity
+from .curvature import CG, Arnoldi, CGInfo, CurvatureOperator, DataInf, LiSSA, block_cg
 from .baselines import (
     BASELINES,
     TRAK,
@@ -46,6 +47,14 @@ __all__ = [
     "Diagonal",
     "KFAC",
     "EKFAC",
+    # matrix-free curvature
+    "CurvatureOperator",
+    "CG",
+    "CGInfo",
+    "block_cg",
+    "LiSSA",
+    "Arnoldi",
+    "DataInf",
     # baselines
     "BASELINES",
     "Baseline",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -54,6 +54,12 @@ class Curvature(ParamsMixin, ABC):
         damping: ``λ`` added to the curvature's diagonal at solve time.
     """
 
+    #: Relative tolerance of ``solve(matmat(V)) ≈ V`` that the generic conformance tests
+    #: (tests/test_curvature_conformance.py) allow, and constructor keywords they use on top of
+    #: the defaults; stochastic or approximate curvatures declare looser values.
+    conformance_rtol: ClassVar[float] = 1e-6
+    conformance_params: ClassVar[dict[str, Any]] = {}
+
     def __init__(self, damping: float = 1e-3):
         self.damping = damping
 
@@ -79,7 +85,7 @@ class Curvature(ParamsMixin, ABC):
         check_instance(task, Task, "task")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        check_damping(self.damping, type(self).__name__)
+        self._damping(None)
         for key in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
             delattr(self, key)
         layout = select_parameters(model, params)
@@ -104,11 +110,13 @@ class Curvature(ParamsMixin, ABC):
     def residual(self, G: torch.Tensor, damping: float | None = None) -> torch.Tensor:
         """Relative residual ``‖(C+λI) x − g‖ / ‖g‖`` of ``x = solve(g)``, one value per row.
 
-        This is the iHVP error the curvature itself can see; 0 for exact solvers. Rows with
+        The product uses :meth:`_exact_matmat`: the true ``C + λI`` (matrix-free for the
+        iterative and approximate curvatures), not the approximation being solved, so this is
+        the iHVP error of the solution (0 up to rounding for exact solvers). Rows with
         ``g = 0`` report 0.
         """
         X = self.solve(G, damping)
-        R = self.matmat(X, damping) - G
+        R = self._exact_matmat(X, self._damping(damping)).to(G.dtype) - G
         norms = G.norm(dim=1)
         return torch.where(norms > 0, R.norm(dim=1) / norms.clamp_min(1e-300), torch.zeros_like(norms))
 
@@ -236,6 +244,14 @@ class Curvature(ParamsMixin, ABC):
     @abstractmethod
     def _matmat(self, V: torch.Tensor, damping: float) -> torch.Tensor:
         """``(C + damping·I)`` on the rows of validated ``V``."""
+
+    def _exact_matmat(self, V: torch.Tensor, damping: float) -> torch.Tensor:
+        """The true ``(C + damping·I)`` on rows of ``V``, for :meth:`residual`.
+
+        Defaults to :meth:`_matmat`; curvatures whose ``_matmat`` applies their own
+        approximation override it with the exact (e.g. matrix-free) product.
+        """
+        return self._matmat(V, damping)
 
     # ----------------------------------------------------------------------------- checks
     def _damping(self, damping: float | None) -> float:
