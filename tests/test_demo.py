@@ -73,7 +73,7 @@ def test_registry_plugs_in_library_classes(monkeypatch, tmp_path):
     monkeypatch.setattr(influence, "LiSSA", StudyLiSSA, raising=False)
     assert METHODS["lissa_paper"].unavailable_reason() is None
     built = METHODS["lissa_paper"].build(0.5, "fisher")
-    assert built.depth == 3 and built.damping == 0.5
+    assert built.depth == 3 and built.damping == "datainf"
     config = tiny_config(tasks=("math",), methods=("exact", "lissa"), epochs=1, checkpoints=())
     results = run_demo(config, cache_dir=tmp_path, progress=False, log=lambda s: None)
     err = results["tasks"][0]["ihvp_error"]["lissa"]
