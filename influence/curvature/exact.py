@@ -70,7 +70,8 @@ class Exact(Curvature):
         eye = torch.eye(P, dtype=first.dtype, device=first.device)
         for start in range(0, P, self.chunk_size or P):
             cols = eye[start : start + (self.chunk_size or P)]
-            block = batch_matmat(self.curvature_type, model, task, layout, batch, cols)
+            with torch.no_grad():  # torch.func transforms still differentiate; no graph is kept
+                block = batch_matmat(self.curvature_type, model, task, layout, batch, cols)
             matrix[start : start + cols.shape[0]] += block.double()
         count = torch.tensor(float(task.num_examples(batch)), dtype=torch.float64, device=first.device)
         return {"matrix": matrix, "num_examples": count}
