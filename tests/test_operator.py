@@ -109,3 +109,22 @@ def test_products_keep_no_autograd_graph_of_unselected_parameters():
     out = op.matmat(V)
     assert not out.requires_grad
     torch.testing.assert_close(out, V @ dense, rtol=1e-9, atol=1e-11)
+
+
+def test_fisher_gradient_cache_gives_the_same_products_with_one_gradient_pass(monkeypatch):
+    model, task, loader, _ = mlp_problem()
+    layout = select_parameters(model)
+    V = torch.randn(3, layout.num_params, dtype=torch.float64)
+    uncached = CurvatureOperator("fisher", model, task, layout, loader, cache_bytes=0)
+    cached = CurvatureOperator("fisher", model, task, layout, loader)
+    import influence.curvature._operator as operator_module
+
+    calls = []
+    original = operator_module.per_sample_grads
+    monkeypatch.setattr(operator_module, "per_sample_grads", lambda *a, **k: calls.append(1) or original(*a, **k))
+    first = cached.matmat(V)
+    passes = len(calls)
+    second = cached.matmat(V)
+    assert len(calls) == passes == len(loader)  # the second product reads no data
+    torch.testing.assert_close(first, uncached.matmat(V), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)

@@ -57,6 +57,10 @@ class CurvatureOperator:
             ``seed``) instead of all of them; the drawn examples are held in memory.
         seed: seed of the subsample.
         chunk_size: rows of ``V`` per vmapped product (memory bound).
+        cache_bytes: for ``curvature_type="fisher"``, the first :meth:`matmat` keeps the
+            per-example training gradients when they fit in this many bytes, and later products
+            are two matrix multiplications (``(V Gᵀ) G``) instead of a pass of per-example
+            gradients: iterative solvers then cost one gradient pass in all.
 
     Examples:
         >>> import torch
@@ -79,8 +83,11 @@ class CurvatureOperator:
         num_samples: int | None = None,
         seed: int = 0,
         chunk_size: int | None = None,
+        cache_bytes: int = 2**30,
     ):
         self.curvature_type = check_curvature_type(curvature_type)
+        self.cache_bytes = cache_bytes
+        self._gradient_cache: list[torch.Tensor] | None = None
         self.model = model
         self.task = task
         self.layout = layout
@@ -130,11 +137,30 @@ class CurvatureOperator:
         """
         out = torch.zeros(V.shape, dtype=torch.float64, device=self.device)
         Vm = V.to(self.device, self.dtype)
+        if self._gradient_cache is not None:
+            for G in self._gradient_cache:
+                out += ((Vm @ G.T) @ G).double()
+            return out / self.num_examples
+        cache = self._new_gradient_cache()
         offset = 0
         for batch in self.batches():
-            out += self._product(batch, Vm, offset)
+            if cache is None:
+                out += self._product(batch, Vm, offset)
+            else:
+                with torch.no_grad():
+                    G = per_sample_grads(self.model, self.task, batch, self.layout)
+                check_finite_statistics(G, self.model, self.task, batch, self.layout, offset)
+                cache.append(G)
+                out += ((Vm @ G.T) @ G).double()
             offset += self.task.num_examples(batch)
+        self._gradient_cache = cache
         return out / self.num_examples
+
+    def _new_gradient_cache(self) -> list | None:
+        """An empty gradient cache when the empirical-Fisher gradients fit the budget."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        size = self.num_examples * self.layout.num_params * itemsize
+        return [] if self.curvature_type == "fisher" and size <= self.cache_bytes else None
 
     def top_eigenvalue(self, num_iters: int = 20, seed: int = 0) -> float:
         """Largest-magnitude eigenvalue of ``C`` by power iteration (float64)."""
