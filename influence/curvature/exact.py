@@ -6,6 +6,7 @@ import torch
 
 from ..exceptions import CurvatureError
 from ._base import Curvature
+from ..gradients.functional import per_sample_grads
 from ._products import batch_matmat, check_curvature_type
 
 
@@ -64,17 +65,28 @@ class Exact(Curvature):
         super()._fit(model, task, loader, layout)  # the statistics protocol
 
     def _batch_statistics(self, model, task, batch, layout, pass_index):
+        first = next(iter(layout.tensors(model).values()))
+        if self.curvature_type == "fisher":  # Σ_j g_j g_jᵀ from one gradient pass
+            with torch.no_grad():
+                G = per_sample_grads(model, task, batch, layout).double()
+            matrix = G.T @ G
+        else:
+            matrix = self._summed_matrix(model, task, batch, layout)
+        count = torch.tensor(float(task.num_examples(batch)), dtype=torch.float64, device=first.device)
+        return {"matrix": matrix, "num_examples": count}
+
+    def _summed_matrix(self, model, task, batch, layout) -> torch.Tensor:
+        """``Σ_b C_b`` of one batch, column block by column block of the identity."""
         P = layout.num_params
         first = next(iter(layout.tensors(model).values()))
         matrix = torch.zeros(P, P, dtype=torch.float64, device=first.device)
         eye = torch.eye(P, dtype=first.dtype, device=first.device)
-        for start in range(0, P, self.chunk_size or P):
-            cols = eye[start : start + (self.chunk_size or P)]
+        step = self.chunk_size or P
+        for start in range(0, P, step):
             with torch.no_grad():  # torch.func transforms still differentiate; no graph is kept
-                block = batch_matmat(self.curvature_type, model, task, layout, batch, cols)
-            matrix[start : start + cols.shape[0]] += block.double()
-        count = torch.tensor(float(task.num_examples(batch)), dtype=torch.float64, device=first.device)
-        return {"matrix": matrix, "num_examples": count}
+                block = batch_matmat(self.curvature_type, model, task, layout, batch, eye[start : start + step])
+            matrix[start : start + step] += block.double()
+        return matrix
 
     def _finalize(self, statistics, layout, pass_index):
         count = statistics["num_examples"]

@@ -10,7 +10,7 @@ it as unavailable with the reason.
 ``identity``    gradient match: ``C = I`` (the study's "Gradient Match")
 ``exact``       dense curvature of the LoRA parameters, Cholesky solve
 ``datainf``     DataInf (Kwon et al. 2024), the study's main method
-``lissa``       LiSSA with the library's default (converged) settings
+``lissa``       LiSSA, 200 minibatch steps with the automatic (safe) scale
 ``lissa_paper`` LiSSA(variant="paper"): the study's 3 iterations and per-layer damping rule
 ``cg``          conjugate gradient on the same curvature as ``exact``
 ``arnoldi``     Arnoldi low-rank inverse
@@ -92,7 +92,8 @@ METHODS: dict[str, Method] = {
         Method("identity", ("Identity",), description="gradient match"),
         Method("exact", ("Exact",), {"max_params": 20_000}, description="dense inverse"),
         Method("datainf", ("DataInf",), description="DataInf"),
-        Method("lissa", ("LiSSA",), description="LiSSA, converged"),
+        Method("lissa", ("LiSSA",), {"depth": 200, "scale": "auto"},
+               description="LiSSA, 200 steps, safe automatic scale"),
         Method("lissa_paper", ("LiSSA",),
                {"variant": "paper", "damping": "datainf", **{k: 3 for k in ITERATIONS}}, (ITERATIONS,),
                description="LiSSA as in the study's code: 3 iterations, per-layer damping rule"),
