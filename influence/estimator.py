@@ -23,8 +23,9 @@ from ._params_base import ParamsMixin, check_is_fitted, clone
 from .curvature._base import Curvature, check_instance
 from .curvature.identity import Identity
 from .exceptions import ModelChangedError, NonFiniteGradientError
-from .gradients.functional import per_sample_grads
+from .gradients.hooks import GRADIENT_METHODS, GradientComputer
 from .params import ParamSpec, parameter_fingerprint, select_parameters
+from .scoring import Scorer, ScoringConfig
 from .tasks import ClassificationTask, Task
 
 
@@ -50,9 +51,13 @@ class InfluenceEstimator(ParamsMixin):
         params: attributed parameters: ``"trainable"``, ``"all"``, glob patterns or a layout.
         chunk_size: examples per vmap chunk for per-example gradients (memory bound).
         score_dtype: dtype of score accumulation (float32 or higher).
+        gradient_method: ``"auto"`` (hook path for Linear/Conv2d/Embedding/LayerNorm, torch.func
+            for the rest), ``"hooks"`` or ``"func"`` (see :mod:`influence.gradients.hooks`).
+        scoring: a :class:`~influence.scoring.ScoringConfig` (ghost / materialised / low-rank /
+            projected per layer, precision, ``max_memory``); ``None`` for the defaults.
 
     Fitted attributes: ``model_``, ``curvature_``, ``layout_``, ``num_train_``,
-    ``fingerprint_``.
+    ``fingerprint_``, ``gradients_``; after scoring, ``plan_`` reports the per-layer choices.
 
     Examples:
         >>> import torch
@@ -72,12 +77,16 @@ class InfluenceEstimator(ParamsMixin):
         params: ParamSpec = "trainable",
         chunk_size: int | None = None,
         score_dtype: torch.dtype = torch.float32,
+        gradient_method: str = "auto",
+        scoring: ScoringConfig | None = None,
     ):
         self.curvature = curvature
         self.task = task
         self.params = params
         self.chunk_size = chunk_size
         self.score_dtype = score_dtype
+        self.gradient_method = gradient_method
+        self.scoring = scoring
 
     # ----------------------------------------------------------------------------- fitting
     def fit(self, model: nn.Module, train_loader: Iterable[Any]) -> "InfluenceEstimator":
@@ -92,6 +101,11 @@ class InfluenceEstimator(ParamsMixin):
             raise ValueError(
                 f"score_dtype must be torch.float32 or torch.float64; got {self.score_dtype}."
             )
+        if self.gradient_method not in GRADIENT_METHODS:
+            raise ValueError(f"Invalid gradient_method {self.gradient_method!r}. Supported: {GRADIENT_METHODS}.")
+        if self.scoring is not None:
+            check_instance(self.scoring, ScoringConfig, "scoring")
+            self.scoring.validate()
         warn_if_shuffled(train_loader, "train_loader")
         _warn_if_stochastic(model)
         layout = select_parameters(model, self.params)
@@ -102,6 +116,7 @@ class InfluenceEstimator(ParamsMixin):
         self.train_loader_ = train_loader
         self.num_train_ = sum(task.num_examples(b) for b in iterate_batches(train_loader, "train_loader"))
         self.fingerprint_ = parameter_fingerprint(model, layout)
+        self.gradients_ = GradientComputer(model, task, layout, self.gradient_method, self.chunk_size)
         return self
 
     # ----------------------------------------------------------------------------- gradients
@@ -118,9 +133,7 @@ class InfluenceEstimator(ParamsMixin):
         """Yields per-example gradient blocks ``(B, P)`` of the loader, checked finite."""
         offset = 0
         for batch in iterate_batches(loader, f"{what}_loader"):
-            G = per_sample_grads(
-                self.model_, self.task_, batch, self.layout_, self.chunk_size, objective
-            )
+            G = self.gradients_.flat(batch, objective)
             check_finite(G, offset, what)
             offset += G.shape[0]
             yield G
@@ -140,12 +153,7 @@ class InfluenceEstimator(ParamsMixin):
         Queries are preconditioned once and held; the training set is streamed one batch at a
         time (one pass), never holding all training gradients.
         """
-        factors = self.influence_factors(test_loader)
-        columns = [
-            factors @ G.to(factors.dtype).T
-            for G in self._gradients(self._train(train_loader), "loss", "train")
-        ]
-        return torch.cat(columns, dim=1)
+        return self._scorer("pairwise_scores()").pairwise(test_loader, self._train(train_loader))
 
     def self_scores(self, loader: Iterable[Any] | None = None) -> torch.Tensor:
         """Self-influence ``∇ℓ(z)ᵀ (C + λI)⁻¹ ∇ℓ(z)`` of each example, shape ``(n,)``.
@@ -154,6 +162,12 @@ class InfluenceEstimator(ParamsMixin):
         """
         self._check_model("self_scores()")
         out = []
+        if type(self.curvature_) is Identity and self.scoring is None:  # ghost norms
+            lam = self.curvature_._damping(None)
+            for batch in iterate_batches(self._train(loader), "train_loader"):
+                norms = self.gradients_.compute(batch, "loss").sq_norms().to(self.score_dtype)
+                out.append(norms / lam if lam else self.curvature_.solve(norms[:, None]))
+            return torch.cat(out)
         for G in self._gradients(self._train(loader), "loss", "train"):
             out.append((self.curvature_.solve(G).to(self.score_dtype) * G.to(self.score_dtype)).sum(1))
         return torch.cat(out)
@@ -175,11 +189,14 @@ class InfluenceEstimator(ParamsMixin):
         """
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer; got {k!r}.")
-        factors = self.influence_factors(test_loader)
+        scorer = self._scorer("top_k()")
+        rows = [self._top_k_group(scorer, qs, k, largest, train_loader) for qs in scorer.query_groups(test_loader)]
+        return torch.cat([v for v, _ in rows]), torch.cat([i for _, i in rows])
+
+    def _top_k_group(self, scorer, queries, k, largest, train_loader):
         best_v = best_i = None
         offset = 0
-        for G in self._gradients(self._train(train_loader), "loss", "train"):
-            s = factors @ G.to(factors.dtype).T
+        for s in scorer.columns(queries, self._train(train_loader)):
             idx = torch.arange(offset, offset + s.shape[1], device=s.device).expand_as(s)
             offset += s.shape[1]
             if best_v is not None:
@@ -190,6 +207,13 @@ class InfluenceEstimator(ParamsMixin):
         if best_v.shape[1] < k:
             raise ValueError(f"k={k} exceeds the number of training examples ({best_v.shape[1]}).")
         return best_v, best_i
+
+    def _scorer(self, method: str) -> Scorer:
+        """Single-pass scorer (resident queries; see :mod:`influence.scoring`); sets ``plan_``."""
+        self._check_model(method)
+        scorer = Scorer(self.gradients_, self.curvature_, self.scoring, self.score_dtype)
+        self.plan_ = scorer.plan  # filled in by the first query batch
+        return scorer
 
     def _train(self, loader: Iterable[Any] | None) -> Iterable[Any]:
         if loader is None:
@@ -208,3 +232,4 @@ def _warn_if_stochastic(model: nn.Module) -> None:
             UserWarning,
             stacklevel=3,
         )
+
