@@ -166,8 +166,12 @@ def select_parameters(model: nn.Module, params: ParamSpec = "trainable") -> Para
     elif isinstance(params, str) and params == "all":
         chosen = named
     else:
-        patterns = [params] if isinstance(params, str) else list(params)
-        if not patterns or not all(isinstance(p, str) for p in patterns):
+        patterns = [params] if isinstance(params, str) else params
+        if (
+            not isinstance(patterns, (list, tuple))
+            or not patterns
+            or not all(isinstance(p, str) for p in patterns)
+        ):
             raise TypeError(
                 "params must be 'trainable', 'all', a glob pattern, a list of patterns or a "
                 f"ParameterLayout; got {params!r}."

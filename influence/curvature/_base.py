@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._params_base import ParamsMixin, check_is_fitted
-from ..exceptions import InfluenceError
+from ..exceptions import InfluenceError, NonFiniteGradientError
 from ..params import ParameterLayout, ParamSpec, select_parameters
 from ..tasks import Task
 
@@ -151,3 +151,29 @@ class Curvature(ParamsMixin, ABC):
         if not G.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor; got dtype {G.dtype}.")
         return G
+
+
+def check_finite_statistics(
+    values: torch.Tensor, model: nn.Module, task: Task, batch: Any, layout: ParameterLayout, offset: int
+) -> None:
+    """Raises :class:`NonFiniteGradientError` naming the training examples behind NaN/inf.
+
+    ``values`` are curvature statistics of one batch starting at global index ``offset``;
+    they are checked cheaply, and only on failure are the batch's per-example gradients
+    computed to find the offending examples.
+    """
+    if bool(torch.isfinite(values).all()):
+        return
+    from ..gradients.functional import per_sample_grads
+
+    G = per_sample_grads(model, task, batch, layout)
+    bad = (~torch.isfinite(G).all(dim=1)).nonzero().flatten()
+    where = (
+        f"at indices {(bad + offset).tolist()[:20]}"
+        if bad.numel()
+        else f"in the batch of examples {offset}..{offset + G.shape[0] - 1} (gradients are finite; the second-order terms are not)"
+    )
+    raise NonFiniteGradientError(
+        f"NaN or inf curvature statistics from {max(bad.numel(), 1)} train example(s) {where}. "
+        "Check those examples' inputs and labels, and the model's loss at them (e.g. log(0))."
+    )

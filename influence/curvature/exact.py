@@ -6,7 +6,7 @@ import torch
 
 from .._loader import iterate_batches
 from ..exceptions import CurvatureError
-from ._base import Curvature
+from ._base import Curvature, check_finite_statistics
 from ._products import batch_matmat, check_curvature_type
 
 
@@ -70,6 +70,7 @@ class Exact(Curvature):
             for start in range(0, P, self.chunk_size or P):
                 cols = eye[start : start + (self.chunk_size or P)]
                 block = batch_matmat(self.curvature_type, model, task, layout, batch, cols)
+                check_finite_statistics(block, model, task, batch, layout, count)
                 matrix[start : start + cols.shape[0]] += block.double()
             count += task.num_examples(batch)
         matrix /= count

@@ -102,11 +102,13 @@ class _PerExample:
 
     def looped(self, params, leaves, spec, batched, n):
         per_name: dict[str, list[torch.Tensor]] = {k: [] for k in params}
-        for i in range(n):
+        for i in range(n):  # plain autograd: works where function transforms cannot
             example = [leaf[i : i + 1] if b else leaf for leaf, b in zip(leaves, batched)]
-            g = grad(self._value)(params, tree_unflatten(example, spec))
-            for k, v in g.items():
-                per_name[k].append(v)
+            live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            value = self._value(live, tree_unflatten(example, spec))
+            grads = torch.autograd.grad(value, list(live.values()), allow_unused=True)
+            for (k, v), g in zip(live.items(), grads):
+                per_name[k].append(torch.zeros_like(v) if g is None else g)
         return {k: torch.stack(v) for k, v in per_name.items()}
 
 
