@@ -211,7 +211,8 @@ class LayerCapture:
                 k += 1
             self.output_grads[name] = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             if self.need_inputs:
-                self.inputs[name] = torch.cat(self._inputs[name], dim=1)
+                parts_in = self._inputs[name]
+                self.inputs[name] = torch.cat(parts_in, dim=1) if len(parts_in) > 1 else parts_in[0]
 
 
 def layer_grads(info: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -305,9 +305,9 @@ class GradientComputer:
                 return self.compute(batch, objective)
             for name, info in self.layers.items():
                 if name not in cap.output_grads:  # layer not used by this batch's forward
-                    dt = next(iter(cap.output_grads.values())).dtype if cap.output_grads else torch.get_default_dtype()
-                    g = torch.zeros(n, 0, info.d_out, dtype=dt)
-                    a = torch.zeros(n, 0, dtype=torch.long) if info.kind == "embedding" else torch.zeros(n, 0, info.d_in, dtype=dt)
+                    w = info.module.weight
+                    g = w.new_zeros(n, 0, info.d_out)
+                    a = torch.zeros(n, 0, dtype=torch.long, device=w.device) if info.kind == "embedding" else w.new_zeros(n, 0, info.d_in)
                     factors[name] = LayerFactors(info, a, g)
                     continue
                 g = cap.output_grads[name]
