@@ -56,6 +56,10 @@ def main():
         info["steps"].append(step("bench_grads", [py, "benchmarks/bench_grads.py", "--device", "cuda"], 0.25 * b, "gpu_bench_grads.txt"))
         info["steps"].append(step("bench_scoring", [py, "benchmarks/bench_scoring.py", "--device", "cuda"], 0.45 * b, "gpu_bench_scoring.txt"))
     (RESULTS / "gpu_check.json").write_text(json.dumps(info, indent=2))
+    if os.environ.get("OUT"):  # the device runner brings back only what is under $OUT
+        import shutil
+
+        shutil.copytree(RESULTS, Path(os.environ["OUT"]) / "results", dirs_exist_ok=True)
 
 
 if __name__ == "__main__":
