@@ -19,6 +19,7 @@ from .exceptions import (
 )
 from .gradients import per_sample_grads
 from .params import ParameterLayout, select_parameters
+from .scoring import ScoringConfig
 from .tasks import ClassificationTask, LanguageModelingTask, OutputTask, RegressionTask, Task
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     # estimator
     "InfluenceEstimator",
+    "ScoringConfig",
     "clone",
     # curvature
     "CURVATURES",

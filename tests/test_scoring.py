@@ -209,3 +209,12 @@ def test_errors():
         InfluenceEstimator(Identity(), task, scoring=ScoringConfig).fit(model, train)
     with pytest.raises(ValueError, match="Invalid gradient_method 'vmap'"):
         InfluenceEstimator(Identity(), task, gradient_method="vmap").fit(model, train)
+
+
+def test_logra_exact_on_lm_when_k_covers_layers():
+    model, task, test, train = lm_case()
+    exact = InfluenceEstimator(Identity(), task, score_dtype=torch.float64).fit(model, train).pairwise_scores(test)
+    cfg = ScoringConfig(projection="factored", projection_dim=100)
+    est = InfluenceEstimator(Identity(), task, score_dtype=torch.float64, scoring=cfg).fit(model, train)
+    torch.testing.assert_close(est.pairwise_scores(test), exact, rtol=1e-9, atol=1e-10)
+    assert est.plan_["layers"]["tok"]["mode"] == "projected"
