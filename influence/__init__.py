@@ -4,9 +4,20 @@ Score convention: ``score[i, j] = ∇m(z_test_i)ᵀ (C + λI)⁻¹ ∇ℓ(z_trai
 training example ``j`` helps query ``i`` (up-weighting it lowers the query's loss).
 """
 
+from . import evaluation
 from ._params_base import clone
-from .curvature import CURVATURES, Curvature, Exact, Identity
+from .curvature import CURVATURES, EKFAC, KFAC, Curvature, Diagonal, Exact, Identity
+from .curvature import CG, Arnoldi, CGInfo, CurvatureOperator, DataInf, LiSSA, block_cg
+from .baselines import (
+    BASELINES,
+    TRAK,
+    Baseline,
+    GradientSimilarity,
+    RepresentationSimilarity,
+    TracIn,
+)
 from .estimator import InfluenceEstimator
+from .evaluation import DiagnosticReport, diagnose
 from .exceptions import (
     BatchFormatError,
     ConvergenceWarning,
@@ -18,6 +29,7 @@ from .exceptions import (
     NotFittedError,
 )
 from .gradients import per_sample_grads
+from .io import CorruptedFileError, FormatVersionError, ModelMismatchError, StorageError
 from .params import ParameterLayout, select_parameters
 from .scoring import ScoringConfig
 from .tasks import ClassificationTask, LanguageModelingTask, OutputTask, RegressionTask, Task
@@ -34,6 +46,28 @@ __all__ = [
     "Curvature",
     "Exact",
     "Identity",
+    "Diagonal",
+    "KFAC",
+    "EKFAC",
+    # matrix-free curvature
+    "CurvatureOperator",
+    "CG",
+    "CGInfo",
+    "block_cg",
+    "LiSSA",
+    "Arnoldi",
+    "DataInf",
+    # baselines
+    "BASELINES",
+    "Baseline",
+    "RepresentationSimilarity",
+    "GradientSimilarity",
+    "TracIn",
+    "TRAK",
+    # evaluation
+    "evaluation",
+    "diagnose",
+    "DiagnosticReport",
     # tasks
     "Task",
     "OutputTask",
@@ -53,4 +87,9 @@ __all__ = [
     "CurvatureError",
     "ConvergenceWarning",
     "FallbackWarning",
+    # storage errors (influence.io); data-parallel helpers live in influence.distributed
+    "StorageError",
+    "CorruptedFileError",
+    "FormatVersionError",
+    "ModelMismatchError",
 ]

@@ -12,6 +12,8 @@ query's measurement by approximately ``+score[i, j] / N`` (the leave-one-out est
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from typing import Any, Iterable, Iterator
 
@@ -20,8 +22,11 @@ from torch import nn
 
 from ._loader import iterate_batches, warn_if_shuffled
 from ._params_base import ParamsMixin, check_is_fitted, clone
+from ._progress import logger, run_options, timed, track
+from ._topk import check_k, streaming_top_k
 from .curvature._base import Curvature, check_instance
 from .curvature.identity import Identity
+from .distributed import all_gather_cat, check_same_model, merge_top_k, shard
 from .exceptions import ModelChangedError, NonFiniteGradientError
 from .gradients.hooks import GRADIENT_METHODS, GradientComputer
 from .params import ParamSpec, parameter_fingerprint, select_parameters
@@ -41,6 +46,22 @@ def check_finite(G: torch.Tensor, offset: int, what: str) -> None:
         )
 
 
+def _staged(stage: str):
+    """Runs a public method with the estimator's run options and adds its time to ``timings_``."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            if stage == "fit" or getattr(self, "timings_", None) is None:
+                self.timings_ = {}
+            with run_options(progress=self.progress, timings=self.timings_), timed(stage):
+                return method(self, *args, **kwargs)
+
+        return run
+
+    return wrap
+
+
 class InfluenceEstimator(ParamsMixin):
     """Influence scores of training examples on queries, through a pluggable curvature.
 
@@ -56,8 +77,18 @@ class InfluenceEstimator(ParamsMixin):
         scoring: a :class:`~influence.scoring.ScoringConfig` (ghost / materialised / low-rank /
             projected per layer, precision, ``max_memory``); ``None`` for the defaults.
 
+        progress: tqdm progress bars on long loops: ``True``, ``False``, or ``None`` for "only
+            when stderr is a terminal".
+
     Fitted attributes: ``model_``, ``curvature_``, ``layout_``, ``num_train_``,
-    ``fingerprint_``, ``gradients_``; after scoring, ``plan_`` reports the per-layer choices.
+    ``fingerprint_``, ``timings_`` (seconds per stage, e.g. ``"fit"``, ``"pairwise_scores"``;
+    ``fit`` resets it, scoring adds to it), ``gradients_``; after scoring, ``plan_`` reports the
+    per-layer choices of :mod:`influence.scoring`.
+
+    Under ``torch.distributed`` (more than one rank) fitting and scoring are data-parallel over
+    contiguous shards of the training loader and every rank returns the full result
+    (:mod:`influence.distributed`). :meth:`save` and :meth:`load` persist a fitted estimator
+    (:mod:`influence.io`).
 
     Examples:
         >>> import torch
@@ -77,6 +108,7 @@ class InfluenceEstimator(ParamsMixin):
         params: ParamSpec = "trainable",
         chunk_size: int | None = None,
         score_dtype: torch.dtype = torch.float32,
+        progress: bool | None = None,
         gradient_method: str = "auto",
         scoring: ScoringConfig | None = None,
     ):
@@ -85,12 +117,27 @@ class InfluenceEstimator(ParamsMixin):
         self.params = params
         self.chunk_size = chunk_size
         self.score_dtype = score_dtype
+        self.progress = progress
         self.gradient_method = gradient_method
         self.scoring = scoring
 
     # ----------------------------------------------------------------------------- fitting
-    def fit(self, model: nn.Module, train_loader: Iterable[Any]) -> "InfluenceEstimator":
-        """Fits the curvature on the training data; returns self."""
+    @_staged("fit")
+    def fit(
+        self,
+        model: nn.Module,
+        train_loader: Iterable[Any],
+        *,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 50,
+    ) -> "InfluenceEstimator":
+        """Fits the curvature on the training data; returns self.
+
+        Args:
+            checkpoint_dir: where to save the fit's partial sums every ``checkpoint_every``
+                batches; a killed fit run again with the same directory resumes where it
+                stopped, with identical results (curvatures on the statistics protocol).
+        """
         curvature = Identity() if self.curvature is None else self.curvature
         check_instance(curvature, Curvature, "curvature")
         task = ClassificationTask() if self.task is None else self.task
@@ -109,9 +156,14 @@ class InfluenceEstimator(ParamsMixin):
         warn_if_shuffled(train_loader, "train_loader")
         _warn_if_stochastic(model)
         layout = select_parameters(model, self.params)
+        check_same_model(parameter_fingerprint(model, layout))  # under torch.distributed
         self.task_ = task
         self.layout_ = layout
-        self.curvature_ = clone(curvature).fit(model, task, train_loader, layout)
+        directory = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        if directory is not None and not curvature._uses_statistics():
+            logger.warning("%s does not fit through the statistics protocol: checkpoint_dir is not used.", type(curvature).__name__)
+        with run_options(checkpoint_dir=directory, checkpoint_every=checkpoint_every):
+            self.curvature_ = clone(curvature).fit(model, task, train_loader, layout)
         self.model_ = model
         self.train_loader_ = train_loader
         self.num_train_ = sum(task.num_examples(b) for b in iterate_batches(train_loader, "train_loader"))
@@ -132,12 +184,13 @@ class InfluenceEstimator(ParamsMixin):
     def _gradients(self, loader: Iterable[Any], objective: str, what: str) -> Iterator[torch.Tensor]:
         """Yields per-example gradient blocks ``(B, P)`` of the loader, checked finite."""
         offset = 0
-        for batch in iterate_batches(loader, f"{what}_loader"):
-            G = self.gradients_.flat(batch, objective)
+        for batch in track(iterate_batches(loader, f"{what}_loader"), f"{what} gradients", loader):
+            G = self._computer().flat(batch, objective)
             check_finite(G, offset, what)
             offset += G.shape[0]
             yield G
 
+    @_staged("influence_factors")
     def influence_factors(self, test_loader: Iterable[Any]) -> torch.Tensor:
         """Preconditioned query gradients ``(C + λI)⁻¹ ∇m(z_test)``, shape ``(n_test, P)``."""
         self._check_model("influence_factors()")
@@ -145,16 +198,36 @@ class InfluenceEstimator(ParamsMixin):
         return torch.cat(blocks).to(self.score_dtype)
 
     # ----------------------------------------------------------------------------- scores
+    @_staged("pairwise_scores")
     def pairwise_scores(
-        self, test_loader: Iterable[Any], train_loader: Iterable[Any] | None = None
+        self,
+        test_loader: Iterable[Any],
+        train_loader: Iterable[Any] | None = None,
+        *,
+        out: str | os.PathLike | None = None,
+        checkpoint_every: int = 50,
     ) -> torch.Tensor:
         """Scores of every training example on every query, shape ``(n_test, n_train)``.
 
         Queries are preconditioned once and held; the training set is streamed one batch at a
         time (one pass), never holding all training gradients.
-        """
-        return self._scorer("pairwise_scores()").pairwise(test_loader, self._train(train_loader))
 
+        Args:
+            out: a ``.npy`` path: the matrix is written there in column blocks through a
+                memory map and a read-only ``numpy.memmap`` is returned instead of a tensor, so
+                the matrix never has to fit in memory. Progress is saved every
+                ``checkpoint_every`` training batches; the same call run again after a crash
+                resumes where it stopped (see :mod:`influence._outputs`).
+        """
+        if out is not None:
+            from ._outputs import write_pairwise
+
+            factors = self.influence_factors(test_loader)
+            return write_pairwise(self, factors, self._train(train_loader), os.fspath(out), checkpoint_every)
+        scores = self._scorer("pairwise_scores()").pairwise(test_loader, self._train(train_loader))
+        return all_gather_cat(scores, dim=1)  # the ranks' columns
+
+    @_staged("self_scores")
     def self_scores(self, loader: Iterable[Any] | None = None) -> torch.Tensor:
         """Self-influence ``∇ℓ(z)ᵀ (C + λI)⁻¹ ∇ℓ(z)`` of each example, shape ``(n,)``.
 
@@ -165,13 +238,14 @@ class InfluenceEstimator(ParamsMixin):
         if type(self.curvature_) is Identity and self.scoring is None:  # ghost norms
             lam = self.curvature_._damping(None)
             for batch in iterate_batches(self._train(loader), "train_loader"):
-                norms = self.gradients_.compute(batch, "loss").sq_norms().to(self.score_dtype)
+                norms = self._computer().compute(batch, "loss").sq_norms().to(self.score_dtype)
                 out.append(norms / lam if lam else self.curvature_.solve(norms[:, None]))
-            return torch.cat(out)
+            return all_gather_cat(torch.cat(out))  # the ranks' shards
         for G in self._gradients(self._train(loader), "loss", "train"):
             out.append((self.curvature_.solve(G).to(self.score_dtype) * G.to(self.score_dtype)).sum(1))
-        return torch.cat(out)
+        return all_gather_cat(torch.cat(out))  # the ranks' shards
 
+    @_staged("top_k")
     def top_k(
         self,
         test_loader: Iterable[Any],
@@ -187,40 +261,67 @@ class InfluenceEstimator(ParamsMixin):
             ``(values, indices)``, each ``(n_test, k)``, sorted from most to least extreme;
             indices count training examples in loader order.
         """
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be a positive integer; got {k!r}.")
+        check_k(k)
         scorer = self._scorer("top_k()")
-        rows = [self._top_k_group(scorer, qs, k, largest, train_loader) for qs in scorer.query_groups(test_loader)]
+        rows = [
+            streaming_top_k(
+                scorer.columns(queries, self._train(train_loader)), k, largest,
+                reduce=lambda v, i, n: merge_top_k(v, i, n, k, largest),  # across ranks
+            )
+            for queries in scorer.query_groups(test_loader)
+        ]
         return torch.cat([v for v, _ in rows]), torch.cat([i for _, i in rows])
 
-    def _top_k_group(self, scorer, queries, k, largest, train_loader):
-        best_v = best_i = None
-        offset = 0
-        for s in scorer.columns(queries, self._train(train_loader)):
-            idx = torch.arange(offset, offset + s.shape[1], device=s.device).expand_as(s)
-            offset += s.shape[1]
-            if best_v is not None:
-                s, idx = torch.cat([best_v, s], 1), torch.cat([best_i, idx], 1)
-            kk = min(k, s.shape[1])
-            best_v, pos = torch.topk(s, kk, dim=1, largest=largest)
-            best_i = torch.gather(idx, 1, pos)
-        if best_v.shape[1] < k:
-            raise ValueError(f"k={k} exceeds the number of training examples ({best_v.shape[1]}).")
-        return best_v, best_i
+    def _computer(self) -> GradientComputer:
+        """Per-example gradients (hook path + torch.func); rebuilt after :meth:`load`."""
+        if getattr(self, "gradients_", None) is None:
+            self.gradients_ = GradientComputer(self.model_, self.task_, self.layout_, self.gradient_method, self.chunk_size)
+        return self.gradients_
 
     def _scorer(self, method: str) -> Scorer:
         """Single-pass scorer (resident queries; see :mod:`influence.scoring`); sets ``plan_``."""
         self._check_model(method)
-        scorer = Scorer(self.gradients_, self.curvature_, self.scoring, self.score_dtype)
+        scorer = Scorer(self._computer(), self.curvature_, self.scoring, self.score_dtype)
         self.plan_ = scorer.plan  # filled in by the first query batch
         return scorer
 
     def _train(self, loader: Iterable[Any] | None) -> Iterable[Any]:
+        """The training loader to score: this rank's shard under torch.distributed."""
         if loader is None:
+            if getattr(self, "curvature_", None) is not None and getattr(self, "train_loader_", None) is None:
+                raise ValueError(
+                    "This estimator has no training loader (it was loaded from a file): pass "
+                    "train_loader=... to score."
+                )
             check_is_fitted(self, "train_loader_", "scoring")
-            return self.train_loader_
+            return shard(self.train_loader_)
         warn_if_shuffled(loader, "train_loader")
-        return loader
+        return shard(loader)
+
+    # ----------------------------------------------------------------------------- storage
+    def save(self, path: str | os.PathLike) -> None:
+        """Saves the fitted estimator to ``path`` (safetensors + JSON metadata, atomically).
+
+        The model and the loaders are not saved: pass the model to :meth:`load`.
+        """
+        from .io import save_estimator
+
+        save_estimator(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module, task: Task | None = None) -> "InfluenceEstimator":
+        """Loads an estimator saved by :meth:`save`, checking that ``model`` is the fitted one.
+
+        Args:
+            task: needed only when the saved task cannot be rebuilt from its parameters.
+
+        Raises:
+            ModelMismatchError: ``model`` differs (names the parameters that differ).
+            CorruptedFileError, FormatVersionError: see :mod:`influence.io`.
+        """
+        from .io import load_estimator
+
+        return load_estimator(cls, path, model, task)
 
 
 def _warn_if_stochastic(model: nn.Module) -> None:

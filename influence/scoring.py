@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ._loader import iterate_batches
+from ._progress import timed, track
 from ._params_base import ParamsMixin
 from .curvature._base import Curvature
 from .curvature.identity import Identity
@@ -310,11 +311,12 @@ class Scorer:
         task = self.computer.task
         n_total = sum(task.num_examples(b) for b in iterate_batches(test_loader, "test_loader"))
         pending, count, size = [], 0, None
-        for batch in iterate_batches(test_loader, "test_loader"):
-            bg = self.computer.compute(batch, "measurement")
-            if not self.plan:
-                self._decide(bg, n_total)
-            block = self.query_block(bg)
+        for batch in track(iterate_batches(test_loader, "test_loader"), "test gradients", test_loader):
+            with timed("influence_factors"):
+                bg = self.computer.compute(batch, "measurement")
+                if not self.plan:
+                    self._decide(bg, n_total)
+                block = self.query_block(bg)
             _check_finite_block(block, count)
             pending.append(block)
             count += bg.n
@@ -356,7 +358,7 @@ class Scorer:
     def columns(self, queries: dict, train_loader: Iterable[Any]) -> Iterator[torch.Tensor]:
         """Streams the training set once, yielding ``(q, B)`` score blocks."""
         offset = 0
-        for batch in iterate_batches(train_loader, "train_loader"):
+        for batch in track(iterate_batches(train_loader, "train_loader"), "train gradients", train_loader):
             s = self.score_batch(queries, self.computer.compute(batch, "loss"))
             _check_finite_scores(s, offset)
             offset += s.shape[1]

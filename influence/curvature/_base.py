@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -54,6 +54,12 @@ class Curvature(ParamsMixin, ABC):
         damping: ``λ`` added to the curvature's diagonal at solve time.
     """
 
+    #: Relative tolerance of ``solve(matmat(V)) ≈ V`` that the generic conformance tests
+    #: (tests/test_curvature_conformance.py) allow, and constructor keywords they use on top of
+    #: the defaults; stochastic or approximate curvatures declare looser values.
+    conformance_rtol: ClassVar[float] = 1e-6
+    conformance_params: ClassVar[dict[str, Any]] = {}
+
     def __init__(self, damping: float = 1e-3):
         self.damping = damping
 
@@ -79,7 +85,7 @@ class Curvature(ParamsMixin, ABC):
         check_instance(task, Task, "task")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        check_damping(self.damping, type(self).__name__)
+        self._damping(None)
         for key in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
             delattr(self, key)
         layout = select_parameters(model, params)
@@ -104,11 +110,13 @@ class Curvature(ParamsMixin, ABC):
     def residual(self, G: torch.Tensor, damping: float | None = None) -> torch.Tensor:
         """Relative residual ``‖(C+λI) x − g‖ / ‖g‖`` of ``x = solve(g)``, one value per row.
 
-        This is the iHVP error the curvature itself can see; 0 for exact solvers. Rows with
+        The product uses :meth:`_exact_matmat`: the true ``C + λI`` (matrix-free for the
+        iterative and approximate curvatures), not the approximation being solved, so this is
+        the iHVP error of the solution (0 up to rounding for exact solvers). Rows with
         ``g = 0`` report 0.
         """
         X = self.solve(G, damping)
-        R = self.matmat(X, damping) - G
+        R = self._exact_matmat(X, self._damping(damping)).to(G.dtype) - G
         norms = G.norm(dim=1)
         return torch.where(norms > 0, R.norm(dim=1) / norms.clamp_min(1e-300), torch.zeros_like(norms))
 
@@ -118,9 +126,116 @@ class Curvature(ParamsMixin, ABC):
         return self.layout_.num_params
 
     # ----------------------------------------------------------------------------- hooks
-    @abstractmethod
     def _fit(self, model: nn.Module, task: Task, loader: Iterable[Any], layout: ParameterLayout) -> None:
-        """Computes the fitted state (attributes ending in ``_``)."""
+        """Computes the fitted state (attributes ending in ``_``).
+
+        The default runs the statistics protocol below (sharded across ranks, checkpointed,
+        with a progress bar); a curvature that does not implement the protocol overrides
+        ``_fit`` instead (then under ``torch.distributed`` every rank fits on the full loader).
+        """
+        from .._fitting import fit_statistics
+
+        fit_statistics(self, model, task, loader, layout)
+
+    # ----------------------------------------------------------------------------- statistics
+    # The statistics protocol makes a fit data-parallel and resumable with no code of its own.
+    # A fit is ``_num_passes`` passes over the training loader. In pass ``p``,
+    # ``_batch_statistics(..., p)`` returns a dict of tensors that are **sums over the batch's
+    # examples** (the example count included, e.g. ``"num_examples"``); the driver adds them
+    # over the batches (and, under torch.distributed, over the ranks with one all-reduce) and
+    # calls ``_finalize(totals, layout, p)``, which divides by the counts and sets the fitted
+    # state (a later pass may use the state set by an earlier one). Examples:
+    #
+    # - Exact: ``{"matrix": Σ_j C_j, "num_examples": N}``;
+    # - Diagonal: ``{"diagonal/sum": Σ_j g_j², "diagonal/count": N}``;
+    # - K-FAC: per layer ``{"<layer>/A": Σ a aᵀ, "<layer>/S": Σ s sᵀ, "<layer>/A_count", ...}``,
+    #   finalised into covariances and eigendecompositions;
+    # - EK-FAC: pass 0 as K-FAC; pass 1 sums the squared eigenbasis projections of the
+    #   per-example gradients (``"<layer>/corrections"``, the corrected eigenvalues);
+    # - CG/LiSSA/Arnoldi keep their ``_fit`` and average their Hessian-vector products across
+    #   ranks at solve time with :func:`influence.distributed.all_reduce_sum` (sum of the shard
+    #   products and counts, then divide).
+    _num_passes: int = 1
+
+    def _batch_statistics(
+        self, model: nn.Module, task: Task, batch: Any, layout: ParameterLayout, pass_index: int
+    ) -> dict[str, torch.Tensor]:
+        """Sums over the batch's examples of everything the fit needs (see above)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} implements neither _fit nor the statistics protocol "
+            "(_batch_statistics and _finalize)."
+        )
+
+    def _finalize(self, statistics: dict[str, torch.Tensor], layout: ParameterLayout, pass_index: int) -> None:
+        """Sets the fitted state from the statistics summed over all batches (and ranks)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _finalize.")
+
+    @classmethod
+    def _uses_statistics(cls) -> bool:
+        """True when the curvature fits through the statistics protocol."""
+        return cls._batch_statistics is not Curvature._batch_statistics
+
+    # ----------------------------------------------------------------------------- state
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted state as named tensors, for :meth:`InfluenceEstimator.save`.
+
+        The default exports every public fitted attribute (ending in ``_``) that is a tensor,
+        or a dict of tensors (as ``"attr/key"``); other fitted values go to
+        :meth:`_state_metadata`. Override both with :meth:`_load_state` for other layouts.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self._fitted_items():
+            if isinstance(value, torch.Tensor):
+                out[key] = value
+            elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                out.update({f"{key}/{k}": v for k, v in value.items()})
+        return out
+
+    def _state_metadata(self) -> dict[str, Any]:
+        """The fitted values that are not tensors (JSON-able scalars, strings, lists)."""
+        out: dict[str, Any] = {"dict_keys": []}
+        for key, value in self._fitted_items():
+            if isinstance(value, torch.Tensor):
+                continue
+            if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+                out["dict_keys"].append(key)
+            elif value is None or isinstance(value, (bool, int, float, str)) or _is_json(value):
+                out[key] = value
+            else:
+                raise NotImplementedError(
+                    f"{type(self).__name__}.{key} is a {type(value).__name__}: override "
+                    "_state_tensors, _state_metadata and _load_state to save this curvature."
+                )
+        return out
+
+    def _load_state(
+        self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], layout: ParameterLayout, model: nn.Module
+    ) -> None:
+        """Restores the state exported by :meth:`_state_tensors` and :meth:`_state_metadata`.
+
+        ``model`` is the (verified) model the state was fitted on, for curvatures whose state
+        refers to its modules: e.g. K-FAC saves its ``statistics_`` sums and rebuilds its
+        blocks from them and the layers it plans from ``model`` and ``layout`` here.
+        """
+        dict_keys = set(metadata.get("dict_keys", []))
+        for key in dict_keys:
+            setattr(self, key, {})
+        for name, tensor in tensors.items():
+            key, _, sub = name.partition("/")
+            if key in dict_keys:
+                getattr(self, key)[sub] = tensor
+            else:
+                setattr(self, key, tensor)
+        for key, value in metadata.items():
+            if key != "dict_keys":
+                setattr(self, key, value)
+        self.layout_ = layout
+
+    def _fitted_items(self) -> list[tuple[str, Any]]:
+        return [
+            (k, v) for k, v in vars(self).items()
+            if k.endswith("_") and not k.startswith("_") and k != "layout_"
+        ]
 
     @abstractmethod
     def _solve(self, G: torch.Tensor, damping: float) -> torch.Tensor:
@@ -129,6 +244,14 @@ class Curvature(ParamsMixin, ABC):
     @abstractmethod
     def _matmat(self, V: torch.Tensor, damping: float) -> torch.Tensor:
         """``(C + damping·I)`` on the rows of validated ``V``."""
+
+    def _exact_matmat(self, V: torch.Tensor, damping: float) -> torch.Tensor:
+        """The true ``(C + damping·I)`` on rows of ``V``, for :meth:`residual`.
+
+        Defaults to :meth:`_matmat`; curvatures whose ``_matmat`` applies their own
+        approximation override it with the exact (e.g. matrix-free) product.
+        """
+        return self._matmat(V, damping)
 
     # ----------------------------------------------------------------------------- checks
     def _damping(self, damping: float | None) -> float:
@@ -151,6 +274,16 @@ class Curvature(ParamsMixin, ABC):
         if not G.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor; got dtype {G.dtype}.")
         return G
+
+
+def _is_json(value: Any) -> bool:
+    import json
+
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def check_finite_statistics(

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .._loader import iterate_batches
 from ..exceptions import CurvatureError
-from ._base import Curvature, check_finite_statistics
+from ._base import Curvature
 from ._products import batch_matmat, check_curvature_type
 
 
@@ -62,20 +61,30 @@ class Exact(Curvature):
                 "Arnoldi, DataInf), attribute fewer parameters (params=[...]), or raise "
                 "max_params if you have the memory."
             )
+        super()._fit(model, task, loader, layout)  # the statistics protocol
+
+    def _batch_statistics(self, model, task, batch, layout, pass_index):
+        P = layout.num_params
         first = next(iter(layout.tensors(model).values()))
         matrix = torch.zeros(P, P, dtype=torch.float64, device=first.device)
         eye = torch.eye(P, dtype=first.dtype, device=first.device)
-        count = 0
-        for batch in iterate_batches(loader, "train_loader"):
-            for start in range(0, P, self.chunk_size or P):
-                cols = eye[start : start + (self.chunk_size or P)]
+        for start in range(0, P, self.chunk_size or P):
+            cols = eye[start : start + (self.chunk_size or P)]
+            with torch.no_grad():  # torch.func transforms still differentiate; no graph is kept
                 block = batch_matmat(self.curvature_type, model, task, layout, batch, cols)
-                check_finite_statistics(block, model, task, batch, layout, count)
-                matrix[start : start + cols.shape[0]] += block.double()
-            count += task.num_examples(batch)
-        matrix /= count
+            matrix[start : start + cols.shape[0]] += block.double()
+        count = torch.tensor(float(task.num_examples(batch)), dtype=torch.float64, device=first.device)
+        return {"matrix": matrix, "num_examples": count}
+
+    def _finalize(self, statistics, layout, pass_index):
+        count = statistics["num_examples"]
+        matrix = statistics["matrix"] / count
         self.matrix_ = 0.5 * (matrix + matrix.T)
-        self.num_examples_ = count
+        self.num_examples_ = int(count)
+        self._cholesky = {}
+
+    def _load_state(self, tensors, metadata, layout, model):
+        super()._load_state(tensors, metadata, layout, model)
         self._cholesky = {}
 
     def _factor(self, damping: float) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Layer inputs and output gradients of ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding``.
+"""Layer inputs and output gradients of ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` and
+HuggingFace ``Conv1D``.
 
 For these layers the per-example gradient factors through what flows in and out of the layer.
 With ``a_{t}`` the layer input at token ``t`` (for Conv2d: an unfolded input patch, Grosse &
@@ -8,6 +9,12 @@ layer output ``s_t``::
     ∇W ℓ = Σ_t g_t a_tᵀ        ∇b ℓ = Σ_t g_t
 
 and for an Embedding (``a_t`` one-hot of the token id) ``∇W ℓ = Σ_t onehot(id_t) g_tᵀ``.
+
+HuggingFace's ``Conv1D`` (GPT-2's projections) is a linear layer ``s = a W + b`` whose weight is
+stored **transposed**, ``(d_in, d_out)``: its kind is ``"conv1d"``, it captures exactly like a
+Linear, and its weight gradient is ``Σ_t a_t g_tᵀ`` (:attr:`LayerInfo.transposed` is True). It
+is recognised by class name and module (``transformers...Conv1D``), so transformers is never
+imported here.
 
 :class:`LayerCapture` records ``a`` and ``g`` for every supported layer in one forward and one
 backward pass that asks autograd only for gradients with respect to layer outputs, so **no
@@ -35,6 +42,19 @@ from ..params import ParameterLayout, module_name
 
 LAYER_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
 
+# Layers of optional libraries, matched by (module prefix, class name) so that importing
+# this module never imports them.
+EXTERNAL_LAYER_KINDS = {("transformers", "Conv1D"): "conv1d"}
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The capture kind of a module (exact type match), or ``None`` when unsupported."""
+    kind = LAYER_KINDS.get(type(module))
+    if kind is None:
+        cls = type(module)
+        kind = EXTERNAL_LAYER_KINDS.get((cls.__module__.partition(".")[0], cls.__name__))
+    return kind
+
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -47,8 +67,15 @@ class LayerInfo:
     bias: str | None
 
     @property
+    def transposed(self) -> bool:
+        """True when the weight is stored ``(d_in, d_out)`` (HuggingFace ``Conv1D``)."""
+        return self.kind == "conv1d"
+
+    @property
     def d_in(self) -> int:
         m = self.module
+        if self.kind == "conv1d":
+            return m.weight.shape[0]
         if self.kind == "linear":
             return m.in_features
         if self.kind == "conv2d":
@@ -58,6 +85,8 @@ class LayerInfo:
     @property
     def d_out(self) -> int:
         m = self.module
+        if self.kind == "conv1d":
+            return m.weight.shape[1]
         if self.kind == "linear":
             return m.out_features
         if self.kind == "conv2d":
@@ -82,17 +111,27 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
-def supported_layers(model: nn.Module, layout: ParameterLayout) -> dict[str, LayerInfo]:
+def supported_layers(
+    model: nn.Module, layout: ParameterLayout, include_transposed: bool = False
+) -> dict[str, LayerInfo]:
     """The Linear/Conv2d/Embedding modules whose weight (and bias, if any) are attributed.
 
     A module whose weight is attributed but whose bias is not (or the reverse) is left to the
     generic path, so that every attributed parameter is covered exactly once.
+
+    Args:
+        include_transposed: also return layers whose weight is stored ``(d_in, d_out)``
+            (HuggingFace ``Conv1D``, :attr:`LayerInfo.transposed`). Off by default so that
+            code written for ``(d_out, d_in)`` weights never misreads them; callers that handle
+            ``info.transposed`` (as :func:`layer_grads` does) pass True.
     """
     attributed = set(layout.names)
     layers: dict[str, LayerInfo] = {}
     for name, module in model.named_modules():
-        kind = next((k for t, k in LAYER_KINDS.items() if type(module) is t), None)
+        kind = layer_kind(module)
         if kind is None or unsupported_reason(module) is not None:
+            continue
+        if kind == "conv1d" and not include_transposed:
             continue
         prefix = f"{name}." if name else ""
         weight = prefix + "weight"
@@ -107,7 +146,7 @@ def supported_layers(model: nn.Module, layout: ParameterLayout) -> dict[str, Lay
 
 def _tokens_in(info: LayerInfo, x: torch.Tensor) -> torch.Tensor:
     m = info.module
-    if info.kind == "linear":
+    if info.kind in ("linear", "conv1d"):
         return x.reshape(x.shape[0], -1, x.shape[-1])
     if info.kind == "conv2d":
         padding = (0, 0) if m.padding == "valid" else m.padding
@@ -149,7 +188,10 @@ class LayerCapture:
         a, g = cap.inputs["fc1"], cap.output_grads["fc1"]
 
     ``backward`` may be given any per-example scalar function of the forward (e.g. the loss
-    with sampled targets for the true Fisher). Set ``need_inputs=False`` to skip storing
+    with sampled targets for the true Fisher). With ``batch_size`` set, a layer whose input is
+    shared by the whole batch (first dimension 1, e.g. GPT-2's ``(1, T)`` position ids) has its
+    output expanded to ``batch_size`` (the forward computes the same values), so that each
+    example gets its own output gradient; any other first dimension raises. Set ``need_inputs=False`` to skip storing
     inputs (e.g. when only output gradients are needed).
     """
 
@@ -179,6 +221,14 @@ class LayerCapture:
 
     def _hook(self, name: str, info: LayerInfo) -> Callable:
         def hook(module, args, output):
+            x = args[0].detach()
+            if not output.requires_grad:  # nothing upstream needs a gradient: make it a leaf
+                output = output.detach().requires_grad_(True)
+            if self.batch_size is not None and self.batch_size > 1 and output.dim() > 0 and output.shape[0] == 1:
+                # an input shared by the whole batch (e.g. GPT-2's (1, T) position ids): expand
+                # it so that every example gets its own output, hence its own output gradient
+                output = output.expand(self.batch_size, *output.shape[1:])
+                x = x.expand(self.batch_size, *x.shape[1:])
             if self.batch_size is not None and (output.dim() == 0 or output.shape[0] != self.batch_size):
                 raise InfluenceError(
                     f"Layer {name!r} produced an output of shape {tuple(output.shape)} whose "
@@ -188,19 +238,24 @@ class LayerCapture:
                     "of the attributed parameters."
                 )
             if self.need_inputs:
-                self._inputs[name].append(_tokens_in(info, args[0].detach()))
-            if not output.requires_grad:  # nothing upstream needs a gradient: make it a leaf
-                output = output.detach().requires_grad_(True)
+                self._inputs[name].append(_tokens_in(info, x))
             self._outputs[name].append(output)
             return output
 
         return hook
 
-    def backward(self, losses: torch.Tensor) -> None:
-        """Gradients of ``losses.sum()`` with respect to each captured layer output."""
+    def backward(self, losses: torch.Tensor, retain_graph: bool = False) -> None:
+        """Gradients of ``losses.sum()`` with respect to each captured layer output.
+
+        With ``retain_graph=True`` the forward graph is kept, so that ``backward`` can be called
+        again on another function of the same forward (e.g. several sampled targets for the true
+        Fisher); each call replaces ``output_grads``.
+        """
         names = [n for n in self.layers if self._outputs.get(n)]
         flat_outputs = [o for n in names for o in self._outputs[n]]
-        grads = torch.autograd.grad(losses.sum(), flat_outputs, allow_unused=True)
+        grads = torch.autograd.grad(
+            losses.sum(), flat_outputs, allow_unused=True, retain_graph=retain_graph
+        )
         k = 0
         for name in names:
             info = self.layers[name]
@@ -223,6 +278,8 @@ def layer_grads(info: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> dict[str, 
         if m.padding_idx is not None:
             onehot[..., m.padding_idx] = 0
         out = {info.weight: torch.einsum("btv,btd->bvd", onehot, g)}
+    elif info.transposed:  # Conv1D: weight (d_in, d_out)
+        out = {info.weight: torch.einsum("bti,bto->bio", a, g)}
     else:
         weight = torch.einsum("bto,bti->boi", g, a)
         out = {info.weight: weight.reshape(g.shape[0], *m.weight.shape)}
@@ -231,4 +288,4 @@ def layer_grads(info: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> dict[str, 
     return out
 
 
-__all__ = ["LayerCapture", "LayerInfo", "layer_grads", "module_name", "supported_layers", "unsupported_reason"]
+__all__ = ["LayerCapture", "LayerInfo", "layer_grads", "layer_kind", "module_name", "supported_layers", "unsupported_reason"]

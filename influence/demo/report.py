@@ -1,0 +1,189 @@
+"""The demo's report: a text table for the terminal, and a folder with markdown, JSON and plots.
+
+``write_report(results, out)`` writes ``results.json`` (everything), ``report.md`` (the tables)
+and, when matplotlib is installed, ``acc_by_method.png`` and ``quality_vs_epochs.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .methods import METHODS
+
+
+def _fmt(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def _cell(entry: dict | None, key: str) -> str:
+    if entry is None:
+        return ""
+    if entry.get("status") != "ok":
+        return "n/a" if entry.get("status") == "unavailable" else "fail"
+    return _fmt(entry.get(key))
+
+
+def _methods_run(results: dict) -> list[str]:
+    seen = {m for t in results["tasks"] for m in t["methods"]}
+    return [m for m in METHODS if m in seen]
+
+
+def results_table(results: dict, key: str = "acc") -> list[list[str]]:
+    """Rows ``[task, n_train, chance, method...]`` of one metric (header first)."""
+    methods = _methods_run(results)
+    rows = [["task", "n_train", {"auc": "chance(0.5)", "seconds": "task total"}.get(key, "chance"),
+             *methods]]
+    for t in results["tasks"]:
+        base = {"auc": 0.5, "seconds": t["seconds"]}.get(key, t["chance"])
+        rows.append([t["task"], str(t["n_train"]), _fmt(base),
+                     *[_cell(t["methods"].get(m), key) for m in methods]])
+    return rows
+
+
+def ihvp_table(results: dict) -> list[list[str]]:
+    names = sorted({m for t in results["tasks"] for m in t["ihvp_error"]},
+                   key=lambda m: list(METHODS).index(m))
+    rows = [["task", *[f"{m} rel.err / cos" for m in names]]]
+    for t in results["tasks"]:
+        errs = t["ihvp_error"]
+        rows.append([t["task"], *[
+            f"{errs[m]['relative_error']:.2f} / {errs[m]['cosine']:.2f}" if m in errs else ""
+            for m in names]])
+    return rows if names else []
+
+
+def epochs_table(results: dict) -> list[list[str]]:
+    rows = [["task", "epoch", "train loss", "query loss", "acc (identity / repsim)"]]
+    for t in results["tasks"]:
+        for h in t["epochs"]:
+            if "methods" not in h:
+                continue
+            accs = " / ".join(_cell(h["methods"].get(m), "acc") for m in ("identity", "repsim"))
+            rows.append([t["task"], str(h["epoch"]), f"{h['train_loss']:.3f}",
+                         f"{h['query_loss']:.3f}", accs])
+    return rows
+
+
+def sweep_table(results: dict) -> list[list[str]]:
+    """Acc / Cover of ``exact`` as damping grows (large damping → gradient match)."""
+    ratios = sorted({r for t in results["tasks"] for r in t.get("exact_damping_sweep", {})}, key=float)
+    if not ratios:
+        return []
+    rows = [["task", *[f"ratio {r}" for r in ratios]]]
+    for t in results["tasks"]:
+        sweep = t.get("exact_damping_sweep", {})
+        rows.append([t["task"], *[f"{sweep[r]['acc']:.2f} / {sweep[r]['cover']:.2f}" if r in sweep
+                                  else "" for r in ratios]])
+    return rows
+
+
+def unavailable(results: dict) -> dict[str, str]:
+    out = {}
+    for t in results["tasks"]:
+        for m, e in t["methods"].items():
+            if e.get("status") != "ok":
+                out.setdefault(m, f"{e['status']}: {e['reason']}")
+    return out
+
+
+def text_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def summary(results: dict) -> str:
+    """The terminal summary: the three metric tables, iHVP errors, unavailable methods."""
+    parts = []
+    for key, title in (("acc", "Acc (top-1 has the query's class)"),
+                       ("cover", "Cover (same-class fraction of top k, k = class size)"),
+                       ("auc", "AUC (same-class vs rest)")):
+        parts += [title, text_table(results_table(results, key)), ""]
+    if ihvp_table(results):
+        parts += ["iHVP error against exact (relative error / cosine)", text_table(ihvp_table(results)), ""]
+    for m, why in unavailable(results).items():
+        parts.append(f"{m}: {why}")
+    parts.append(f"total {results['seconds']:.0f} s")
+    return "\n".join(parts)
+
+
+def write_report(results: dict, out: str | Path) -> Path:
+    """Writes ``results.json``, ``report.md`` and plots (if matplotlib) into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    md = ["# influence demo: the study in miniature", "",
+          f"Total time {results['seconds']:.0f} s. Base model: {results['pretrain']['num_params']:,} "
+          "parameters. Ground truth: a training example explains a query when it has the "
+          "query's class. Scores on the LoRA parameters; positive = helpful.", ""]
+    for key, title in (("acc", "Acc"), ("cover", "Cover"), ("auc", "AUC")):
+        md += [f"## {title}", "", markdown_table(results_table(results, key)), ""]
+    md += ["## Seconds per method (fit + scoring, after fine-tuning)", "",
+           markdown_table(results_table(results, "seconds")), ""]
+    if ihvp_table(results):
+        md += ["## iHVP error against exact", "", markdown_table(ihvp_table(results)), ""]
+    if sweep_table(results):
+        md += ["## Exact: Acc / Cover vs damping ratio", "",
+               f"The main tables use ratio {results['config']['damping_ratio']:g} "
+               "(λ = ratio · mean ‖∇ℓ‖² / P).", "", markdown_table(sweep_table(results)), ""]
+    md += ["## Attribution quality vs fine-tuning epochs", "", markdown_table(epochs_table(results)), ""]
+    missing = unavailable(results)
+    if missing:
+        md += ["## Not run", ""] + [f"- `{m}`: {why}" for m, why in missing.items()] + [""]
+    md += ["## Configuration", "", "```json", json.dumps(results["config"], indent=2, default=str), "```", ""]
+    (out / "report.md").write_text("\n".join(md))
+    _plots(results, out)
+    return out
+
+
+def _plots(results: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    methods = [m for m in _methods_run(results)
+               if any(t["methods"].get(m, {}).get("status") == "ok" for t in results["tasks"])]
+    tasks = results["tasks"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(tasks), 3.6))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        ys = [t["methods"].get(m, {}).get("acc", float("nan")) for t in tasks]
+        ax.bar([j + i * width for j in range(len(tasks))], ys, width, label=m)
+    ax.scatter([j + 0.4 - width / 2 for j in range(len(tasks))], [t["chance"] for t in tasks],
+               marker="_", s=400, color="k", label="chance", zorder=3)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [t["task"] for t in tasks],
+                  rotation=20)
+    ax.set_ylabel("Acc (top-1)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "acc_by_method.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for i, t in enumerate(tasks):  # one color per task, one line style per method
+        for m, style in (("identity", "-"), ("repsim", "--")):
+            pts = [(h["epoch"], h["methods"][m]["acc"]) for h in t["epochs"]
+                   if h.get("methods", {}).get(m, {}).get("status") == "ok"]
+            if pts:
+                ax.plot(*zip(*pts), style, color=f"C{i % 10}", marker="o",
+                        label=f"{t['task']} {m}")
+    ax.set_xlabel("fine-tuning epoch")
+    ax.set_ylabel("Acc (top-1)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_epochs.png", dpi=120)
+    plt.close(fig)

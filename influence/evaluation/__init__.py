@@ -1,0 +1,41 @@
+"""Evaluation of attribution methods: counterfactual benchmarks, detection and class
+metrics, iHVP error, and the :func:`diagnose` trust report."""
+
+from .class_metrics import cover, top1_accuracy
+from .detection import precision_at_k, recall_at_k, roc_auc
+from .diagnose import THRESHOLDS, diagnose
+from .report import DiagnosticReport
+from .ihvp import IHVPError, ihvp_error
+from .lds import (
+    CorrelationResult,
+    LDSResult,
+    SubsetRetraining,
+    leave_one_out_correlation,
+    linear_datamodeling_score,
+    random_subset_masks,
+    retrain_on_subsets,
+)
+
+__all__ = [
+    # counterfactual benchmarks
+    "linear_datamodeling_score",
+    "retrain_on_subsets",
+    "random_subset_masks",
+    "leave_one_out_correlation",
+    "LDSResult",
+    "SubsetRetraining",
+    "CorrelationResult",
+    # the study's class metrics
+    "top1_accuracy",
+    "cover",
+    # planted-set detection
+    "roc_auc",
+    "precision_at_k",
+    "recall_at_k",
+    # iHVP error and the trust report
+    "ihvp_error",
+    "IHVPError",
+    "diagnose",
+    "DiagnosticReport",
+    "THRESHOLDS",
+]

@@ -1,0 +1,97 @@
+"""The demo pipeline end to end at a tiny size, its method registry, metrics and CLI."""
+
+import json
+
+import pytest
+import torch
+
+import influence
+from influence.cli import main
+from influence.curvature import Exact
+from influence.demo.methods import METHODS, check_methods
+from influence.demo.metrics import chance, class_metrics
+from influence.demo.pipeline import DemoConfig, run_demo
+from influence.demo.pretrain import PretrainConfig, pretrain
+from influence.demo.report import summary, write_report
+
+TINY_LM = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32, steps=30, batch_size=16)
+
+
+def tiny_config(**kw):
+    base = dict(tasks=("harmful", "backdoor_multi"), methods=("identity", "exact", "repsim", "datainf"),
+                scale=0.03, n_queries=6, epochs=2, checkpoints=(1,), pretrain=PretrainConfig(**TINY_LM))
+    base.update(kw)
+    return DemoConfig(**base)
+
+
+def test_metrics_by_hand():
+    scores = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    train, test = [0, 0, 1, 1], [0, 0]
+    metrics = class_metrics(scores, train, test)
+    assert metrics["acc"] == 0.5
+    assert metrics["cover"] == pytest.approx((0.5 + 0.0) / 2)
+    assert metrics["auc"] == pytest.approx((0.75 + 0.0) / 2)
+    assert chance(train, test) == 0.5
+
+
+def test_pretrain_is_cached(tmp_path):
+    config = PretrainConfig(**{**TINY_LM, "steps": 3})
+    _, _, first = pretrain(config, tmp_path, progress=False)
+    model, tok, second = pretrain(config, tmp_path, progress=False)
+    assert not first["cached"] and second["cached"]
+    assert first["cache"] == second["cache"] and model.config.vocab_size == len(tok)
+
+
+def test_whole_pipeline_tiny(tmp_path):
+    results = run_demo(tiny_config(), cache_dir=tmp_path, progress=False, log=lambda s: None)
+    assert [t["task"] for t in results["tasks"]] == ["harmful", "backdoor_multi"]
+    for t in results["tasks"]:
+        for name in ("identity", "exact", "repsim"):
+            entry = t["methods"][name]
+            assert entry["status"] == "ok", entry
+            assert 0 <= entry["acc"] <= 1 and 0 <= entry["cover"] <= 1 and 0 <= entry["auc"] <= 1
+        expected = "ok" if hasattr(influence, "DataInf") else "unavailable"
+        assert t["methods"]["datainf"]["status"] == expected
+        assert t["num_lora_params"] == 2 * 2 * 4 * 16  # q and v of one layer, r = 4
+        assert set(t["ihvp_error"]) >= {"identity"}
+        assert [h["epoch"] for h in t["epochs"]] == [1, 2] and "methods" in t["epochs"][0]
+    out = write_report(results, tmp_path / "report")
+    assert {"report.md", "results.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "results.json").read_text())["tasks"][0]["task"] == "harmful"
+    assert "Acc" in summary(results)
+
+
+class StudyLiSSA(Exact):
+    """A stand-in for a curvature landing from another branch: Exact with an iteration count."""
+
+    def __init__(self, damping=1e-3, depth=100, curvature_type="fisher"):
+        super().__init__(damping=damping, curvature_type=curvature_type)
+        self.depth = depth
+
+
+def test_registry_plugs_in_library_classes(monkeypatch, tmp_path):
+    monkeypatch.setattr(influence, "LiSSA", StudyLiSSA, raising=False)
+    assert METHODS["lissa_paper"].unavailable_reason() is None
+    built = METHODS["lissa_paper"].build(0.5, "fisher")
+    assert built.depth == 3 and built.damping == "datainf"
+    config = tiny_config(tasks=("math",), methods=("exact", "lissa"), epochs=1, checkpoints=())
+    results = run_demo(config, cache_dir=tmp_path, progress=False, log=lambda s: None)
+    err = results["tasks"][0]["ihvp_error"]["lissa"]
+    assert err["relative_error"] < 1e-6 and err["cosine"] == pytest.approx(1.0)
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="Unknown method.*Supported"):
+        check_methods(["nope"])
+    with pytest.raises(ValueError, match="Unknown task.*Supported"):
+        run_demo(tiny_config(tasks=("nope",)), progress=False)
+
+
+def test_cli_demo(tmp_path, capsys):
+    code = main(["demo", "--task", "math", "--methods", "identity", "repsim", "cg", "--epochs", "1",
+                 "--scale", "0.02", "--queries", "4", "--pretrain-steps", "5", "--cache", str(tmp_path),
+                 "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Acc" in printed and "report written" in printed
+    assert (tmp_path / "out" / "report.md").exists()

@@ -1,0 +1,91 @@
+"""Out-of-core scores (memory-mapped .npy), streaming top-k, progress bars, logging, timings."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from influence import ClassificationTask, Identity, InfluenceEstimator
+from zoo import batches, classification_data, mlp
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = mlp(d_in=3, hidden=(4,), d_out=3, seed=2)
+    x, y = classification_data(n=11, d_in=3, classes=3, seed=3)
+    est = InfluenceEstimator(Identity(), ClassificationTask(), score_dtype=torch.float64).fit(model, batches(x, y, 3))
+    return est, x, y
+
+
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.float64])
+def test_memmap_file_equals_in_memory_scores(tmp_path, setup, score_dtype):
+    est, x, y = setup
+    est.set_params(score_dtype=score_dtype)
+    try:
+        test = batches(x[:5], y[:5], 2)
+        loader = DataLoader(TensorDataset(x, y), batch_size=4)
+        mm = est.pairwise_scores(test, loader, out=tmp_path / "sub" / "s.npy")
+        assert isinstance(mm, np.memmap) and mm.shape == (5, 11) and mm.dtype == np.dtype(str(score_dtype).removeprefix("torch."))
+        # the in-memory path scores through influence.scoring (ghost / per-layer accumulation), the
+        # file path through flat factors: equal up to the rounding of the score dtype
+        tol = 1e-5 if score_dtype == torch.float32 else 1e-12
+        np.testing.assert_allclose(np.asarray(mm), est.pairwise_scores(test, loader).numpy(), rtol=tol, atol=tol)
+        np.testing.assert_array_equal(np.load(tmp_path / "sub" / "s.npy"), np.asarray(mm))
+        assert os.listdir(tmp_path / "sub") == ["s.npy"]
+    finally:
+        est.set_params(score_dtype=torch.float64)
+
+
+def test_memmap_is_written_in_column_blocks(tmp_path, setup, monkeypatch):
+    """Each training batch writes its own columns; no (n_test, n_train) tensor is built."""
+    est, x, y = setup
+    widths = []
+    real_cat = torch.cat
+
+    def no_full_matrix(tensors, dim=0, **kw):
+        out = real_cat(tensors, dim=dim, **kw)
+        assert not (out.dim() == 2 and out.shape[1] == 11), "the full matrix was built in memory"
+        return out
+
+    monkeypatch.setattr(torch, "cat", no_full_matrix)
+    import influence._outputs as outputs
+
+    original = outputs._train_grads
+    monkeypatch.setattr(outputs, "_train_grads", lambda *a: (lambda G: widths.append(G.shape[0]) or G)(original(*a)))
+    est.pairwise_scores([(x[:2], y[:2])], out=tmp_path / "s.npy")
+    assert widths == [3, 3, 3, 2]
+
+
+def test_streaming_top_k_matches_the_full_matrix(setup):
+    est, x, y = setup
+    test = [(x[:4], y[:4])]
+    full = est.pairwise_scores(test)
+    for largest in (True, False):
+        values, indices = est.top_k(test, 5, largest=largest)
+        expected = torch.topk(full, 5, dim=1, largest=largest)
+        torch.testing.assert_close(values, expected.values, rtol=0, atol=0)
+        assert torch.equal(torch.gather(full, 1, indices), values)
+    with pytest.raises(ValueError, match="k=12 exceeds the number of training examples \\(11\\)"):
+        est.top_k(test, 12)
+
+
+def test_progress_bars_logger_and_timings(setup, capsys, caplog):
+    est, x, y = setup
+    train = batches(x, y, 3)
+    with caplog.at_level(logging.INFO, logger="influence"):
+        est2 = InfluenceEstimator(Identity(), ClassificationTask(), progress=True).fit(est.model_, train)
+        est2.pairwise_scores([(x[:2], y[:2])])
+    err = capsys.readouterr().err
+    assert "train gradients" in err and "/4 [" in err
+    assert any(r.name == "influence" and "pairwise_scores took" in r.getMessage() for r in caplog.records)
+    assert {"fit", "influence_factors", "pairwise_scores"} <= set(est2.timings_)
+    assert all(v >= 0 for v in est2.timings_.values())
+    est2.set_params(progress=False)
+    est2.self_scores()
+    assert capsys.readouterr().err == ""
+    assert "self_scores" in est2.timings_
