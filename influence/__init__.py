@@ -31,6 +31,7 @@ from .exceptions import (
 from .gradients import per_sample_grads
 from .io import CorruptedFileError, FormatVersionError, ModelMismatchError, StorageError
 from .params import ParameterLayout, select_parameters
+from .scoring import ScoringConfig
 from .tasks import ClassificationTask, LanguageModelingTask, OutputTask, RegressionTask, Task
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     # estimator
     "InfluenceEstimator",
+    "ScoringConfig",
     "clone",
     # curvature
     "CURVATURES",

@@ -28,8 +28,9 @@ from .curvature._base import Curvature, check_instance
 from .curvature.identity import Identity
 from .distributed import all_gather_cat, check_same_model, merge_top_k, shard
 from .exceptions import ModelChangedError, NonFiniteGradientError
-from .gradients.functional import per_sample_grads
+from .gradients.hooks import GRADIENT_METHODS, GradientComputer
 from .params import ParamSpec, parameter_fingerprint, select_parameters
+from .scoring import Scorer, ScoringConfig
 from .tasks import ClassificationTask, Task
 
 
@@ -71,12 +72,18 @@ class InfluenceEstimator(ParamsMixin):
         params: attributed parameters: ``"trainable"``, ``"all"``, glob patterns or a layout.
         chunk_size: examples per vmap chunk for per-example gradients (memory bound).
         score_dtype: dtype of score accumulation (float32 or higher).
+        gradient_method: ``"auto"`` (hook path for Linear/Conv2d/Embedding/LayerNorm, torch.func
+            for the rest), ``"hooks"`` or ``"func"`` (see :mod:`influence.gradients.hooks`).
+        scoring: a :class:`~influence.scoring.ScoringConfig` (ghost / materialised / low-rank /
+            projected per layer, precision, ``max_memory``); ``None`` for the defaults.
+
         progress: tqdm progress bars on long loops: ``True``, ``False``, or ``None`` for "only
             when stderr is a terminal".
 
     Fitted attributes: ``model_``, ``curvature_``, ``layout_``, ``num_train_``,
     ``fingerprint_``, ``timings_`` (seconds per stage, e.g. ``"fit"``, ``"pairwise_scores"``;
-    ``fit`` resets it, scoring adds to it).
+    ``fit`` resets it, scoring adds to it), ``gradients_``; after scoring, ``plan_`` reports the
+    per-layer choices of :mod:`influence.scoring`.
 
     Under ``torch.distributed`` (more than one rank) fitting and scoring are data-parallel over
     contiguous shards of the training loader and every rank returns the full result
@@ -102,6 +109,8 @@ class InfluenceEstimator(ParamsMixin):
         chunk_size: int | None = None,
         score_dtype: torch.dtype = torch.float32,
         progress: bool | None = None,
+        gradient_method: str = "auto",
+        scoring: ScoringConfig | None = None,
     ):
         self.curvature = curvature
         self.task = task
@@ -109,6 +118,8 @@ class InfluenceEstimator(ParamsMixin):
         self.chunk_size = chunk_size
         self.score_dtype = score_dtype
         self.progress = progress
+        self.gradient_method = gradient_method
+        self.scoring = scoring
 
     # ----------------------------------------------------------------------------- fitting
     @_staged("fit")
@@ -137,6 +148,11 @@ class InfluenceEstimator(ParamsMixin):
             raise ValueError(
                 f"score_dtype must be torch.float32 or torch.float64; got {self.score_dtype}."
             )
+        if self.gradient_method not in GRADIENT_METHODS:
+            raise ValueError(f"Invalid gradient_method {self.gradient_method!r}. Supported: {GRADIENT_METHODS}.")
+        if self.scoring is not None:
+            check_instance(self.scoring, ScoringConfig, "scoring")
+            self.scoring.validate()
         warn_if_shuffled(train_loader, "train_loader")
         _warn_if_stochastic(model)
         layout = select_parameters(model, self.params)
@@ -152,6 +168,7 @@ class InfluenceEstimator(ParamsMixin):
         self.train_loader_ = train_loader
         self.num_train_ = sum(task.num_examples(b) for b in iterate_batches(train_loader, "train_loader"))
         self.fingerprint_ = parameter_fingerprint(model, layout)
+        self.gradients_ = GradientComputer(model, task, layout, self.gradient_method, self.chunk_size)
         return self
 
     # ----------------------------------------------------------------------------- gradients
@@ -168,9 +185,7 @@ class InfluenceEstimator(ParamsMixin):
         """Yields per-example gradient blocks ``(B, P)`` of the loader, checked finite."""
         offset = 0
         for batch in track(iterate_batches(loader, f"{what}_loader"), f"{what} gradients", loader):
-            G = per_sample_grads(
-                self.model_, self.task_, batch, self.layout_, self.chunk_size, objective
-            )
+            G = self._computer().flat(batch, objective)
             check_finite(G, offset, what)
             offset += G.shape[0]
             yield G
@@ -209,12 +224,8 @@ class InfluenceEstimator(ParamsMixin):
 
             factors = self.influence_factors(test_loader)
             return write_pairwise(self, factors, self._train(train_loader), os.fspath(out), checkpoint_every)
-        factors = self.influence_factors(test_loader)
-        columns = [
-            factors @ G.to(factors.dtype).T
-            for G in self._gradients(self._train(train_loader), "loss", "train")
-        ]
-        return all_gather_cat(torch.cat(columns, dim=1), dim=1)  # the ranks' columns
+        scores = self._scorer("pairwise_scores()").pairwise(test_loader, self._train(train_loader))
+        return all_gather_cat(scores, dim=1)  # the ranks' columns
 
     @_staged("self_scores")
     def self_scores(self, loader: Iterable[Any] | None = None) -> torch.Tensor:
@@ -224,6 +235,12 @@ class InfluenceEstimator(ParamsMixin):
         """
         self._check_model("self_scores()")
         out = []
+        if type(self.curvature_) is Identity and self.scoring is None:  # ghost norms
+            lam = self.curvature_._damping(None)
+            for batch in iterate_batches(self._train(loader), "train_loader"):
+                norms = self._computer().compute(batch, "loss").sq_norms().to(self.score_dtype)
+                out.append(norms / lam if lam else self.curvature_.solve(norms[:, None]))
+            return all_gather_cat(torch.cat(out))  # the ranks' shards
         for G in self._gradients(self._train(loader), "loss", "train"):
             out.append((self.curvature_.solve(G).to(self.score_dtype) * G.to(self.score_dtype)).sum(1))
         return all_gather_cat(torch.cat(out))  # the ranks' shards
@@ -245,14 +262,28 @@ class InfluenceEstimator(ParamsMixin):
             indices count training examples in loader order.
         """
         check_k(k)
-        factors = self.influence_factors(test_loader)
-        blocks = (
-            factors @ G.to(factors.dtype).T
-            for G in self._gradients(self._train(train_loader), "loss", "train")
-        )
-        return streaming_top_k(
-            blocks, k, largest, reduce=lambda v, i, n: merge_top_k(v, i, n, k, largest)  # across ranks
-        )
+        scorer = self._scorer("top_k()")
+        rows = [
+            streaming_top_k(
+                scorer.columns(queries, self._train(train_loader)), k, largest,
+                reduce=lambda v, i, n: merge_top_k(v, i, n, k, largest),  # across ranks
+            )
+            for queries in scorer.query_groups(test_loader)
+        ]
+        return torch.cat([v for v, _ in rows]), torch.cat([i for _, i in rows])
+
+    def _computer(self) -> GradientComputer:
+        """Per-example gradients (hook path + torch.func); rebuilt after :meth:`load`."""
+        if getattr(self, "gradients_", None) is None:
+            self.gradients_ = GradientComputer(self.model_, self.task_, self.layout_, self.gradient_method, self.chunk_size)
+        return self.gradients_
+
+    def _scorer(self, method: str) -> Scorer:
+        """Single-pass scorer (resident queries; see :mod:`influence.scoring`); sets ``plan_``."""
+        self._check_model(method)
+        scorer = Scorer(self._computer(), self.curvature_, self.scoring, self.score_dtype)
+        self.plan_ = scorer.plan  # filled in by the first query batch
+        return scorer
 
     def _train(self, loader: Iterable[Any] | None) -> Iterable[Any]:
         """The training loader to score: this rank's shard under torch.distributed."""
@@ -302,3 +333,4 @@ def _warn_if_stochastic(model: nn.Module) -> None:
             UserWarning,
             stacklevel=3,
         )
+

@@ -31,7 +31,10 @@ def test_memmap_file_equals_in_memory_scores(tmp_path, setup, score_dtype):
         loader = DataLoader(TensorDataset(x, y), batch_size=4)
         mm = est.pairwise_scores(test, loader, out=tmp_path / "sub" / "s.npy")
         assert isinstance(mm, np.memmap) and mm.shape == (5, 11) and mm.dtype == np.dtype(str(score_dtype).removeprefix("torch."))
-        np.testing.assert_array_equal(np.asarray(mm), est.pairwise_scores(test, loader).numpy())
+        # the in-memory path scores through influence.scoring (ghost / per-layer accumulation), the
+        # file path through flat factors: equal up to the rounding of the score dtype
+        tol = 1e-5 if score_dtype == torch.float32 else 1e-12
+        np.testing.assert_allclose(np.asarray(mm), est.pairwise_scores(test, loader).numpy(), rtol=tol, atol=tol)
         np.testing.assert_array_equal(np.load(tmp_path / "sub" / "s.npy"), np.asarray(mm))
         assert os.listdir(tmp_path / "sub") == ["s.npy"]
     finally:

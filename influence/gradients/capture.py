@@ -149,10 +149,26 @@ def _tokens_in(info: LayerInfo, x: torch.Tensor) -> torch.Tensor:
     if info.kind in ("linear", "conv1d"):
         return x.reshape(x.shape[0], -1, x.shape[-1])
     if info.kind == "conv2d":
-        padding = 0 if m.padding == "valid" else m.padding
-        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-        return patches.transpose(1, 2)
+        padding = (0, 0) if m.padding == "valid" else m.padding
+        return unfold_patches(x, m.kernel_size, m.dilation, padding, m.stride)
     return x.reshape(x.shape[0], -1)
+
+
+def unfold_patches(x: torch.Tensor, kernel, dilation, padding, stride) -> torch.Tensor:
+    """``F.unfold(...).transpose(1, 2)``, i.e. ``(B, H_out·W_out, C·kh·kw)``, by one strided copy.
+
+    Same values and order as ``F.unfold`` (channel-major patches, row-major positions), but
+    several times faster on CPU and already token-major (contiguous) for the GEMMs that follow.
+    """
+    ph, pw = padding
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    B, C, H, W = x.shape
+    (kh, kw), (dh, dw), (sh, sw) = kernel, dilation, stride
+    Ho, Wo = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    s = x.stride()
+    patches = x.as_strided((B, Ho, Wo, C, kh, kw), (s[0], s[2] * sh, s[3] * sw, s[1], s[2] * dh, s[3] * dw))
+    return patches.reshape(B, Ho * Wo, C * kh * kw)
 
 
 def _tokens_out(info: LayerInfo, s: torch.Tensor) -> torch.Tensor:
@@ -248,9 +264,10 @@ class LayerCapture:
                 g = grads[k] if grads[k] is not None else torch.zeros_like(out)
                 parts.append(_tokens_out(info, g.detach()))
                 k += 1
-            self.output_grads[name] = torch.cat(parts, dim=1)
+            self.output_grads[name] = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             if self.need_inputs:
-                self.inputs[name] = torch.cat(self._inputs[name], dim=1)
+                parts_in = self._inputs[name]
+                self.inputs[name] = torch.cat(parts_in, dim=1) if len(parts_in) > 1 else parts_in[0]
 
 
 def layer_grads(info: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,89 @@
+"""Shared helpers of the benchmarks: models, timing side by side, JSON + markdown output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from influence.lm import TinyLM, TinyLMConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def mlp(d_in=784, hidden=512, depth=2, classes=10):
+    layers, prev = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(prev, hidden), nn.ReLU()]
+        prev = hidden
+    return nn.Sequential(*layers, nn.Linear(prev, classes))
+
+
+class CNN(nn.Module):
+    def __init__(self, c1=32, c2=64, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.fc = nn.Linear(c2, classes)
+
+    def forward(self, x):
+        x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def lm(vocab=2048, d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_len=64):
+    return TinyLM(TinyLMConfig(vocab_size=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff, max_len=max_len))
+
+
+def lm_batch(n, T, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, T), generator=g)
+    lengths = torch.randint(T // 2, T + 1, (n,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+def side_by_side(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Runs the functions round-robin (so machine noise hits all alike); median seconds each."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def write(name: str, payload: dict, table: list[dict], out_dir: Path, notes: str = "") -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
+    if table:
+        cols = list(table[0])
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for row in table:
+            lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+        env = payload.get("environment", {})
+        head = f"# {name}\n\n{env}\n\n"
+        (out_dir / f"{name}.md").write_text(head + "\n".join(lines) + "\n\n" + notes + "\n")
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

@@ -1,0 +1,37 @@
+"""The benchmarks' smoke sizes run end to end (no timing assertions)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def bench_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+@pytest.mark.slow
+def test_bench_grads_smoke(tmp_path):
+    import bench_grads
+
+    out = bench_grads.run(smoke=True, out_dir=tmp_path)
+    assert set(out["results"]) == {"mlp", "cnn", "lm"}
+    for r in out["results"].values():
+        assert r["max_rel_err_vs_vmap"] < 1e-4
+    assert json.loads((tmp_path / "bench_grads_smoke.json").read_text())["smoke"]
+    assert (tmp_path / "bench_grads_smoke.md").exists()
+
+
+@pytest.mark.slow
+def test_bench_scoring_smoke(tmp_path):
+    import bench_scoring
+
+    out = bench_scoring.run(smoke=True, out_dir=tmp_path, names=("mlp", "lm"), kron=False)
+    for case in out["cases"].values():
+        for key, row in case.items():
+            if isinstance(row, dict) and "exact-materialised" not in key and "LoGra" not in key and "bf16" not in key:
+                assert row["pearson_vs_exact"] > 0.99, key
+    assert (tmp_path / "bench_scoring_smoke.md").exists()

@@ -1,0 +1,135 @@
+"""The hook path equals torch.func and the loop oracle in float64 (MLP, CNN, LM with padding)."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import zoo
+from oracles import loop_grads
+from influence import ClassificationTask, LanguageModelingTask, select_parameters
+from influence.exceptions import InfluenceError
+from influence.gradients.functional import per_sample_grads
+from influence.gradients.hooks import GradientComputer, fast_per_sample_grads, hook_layers
+
+
+def cases():
+    x, y = zoo.classification_data(n=7)
+    yield "mlp", zoo.mlp(hidden=(6, 5)), ClassificationTask(), (x, y)
+    yield "cnn", zoo.cnn(), ClassificationTask(), zoo.image_data(n=5)
+    yield "lm", zoo.tiny_lm(), LanguageModelingTask(), zoo.lm_batch(n=5)
+    yield "lm_labels", zoo.tiny_lm(seed=1), LanguageModelingTask(), zoo.lm_batch(n=4, labels=True)
+
+
+CASES = list(cases())
+
+
+@pytest.mark.parametrize("name,model,task,batch", CASES, ids=[c[0] for c in CASES])
+def test_hooks_equal_func_and_loop(name, model, task, batch):
+    ref = per_sample_grads(model, task, batch)
+    comp = GradientComputer(model, task, select_parameters(model), method="hooks")
+    got = comp.flat(batch)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, loop_grads(model, task.loss, batch), rtol=1e-10, atol=1e-12)
+    assert comp.layers  # the hook path really ran
+
+
+def test_lm_mixes_hooks_and_func():
+    model = zoo.tiny_lm()
+    for p in model.ln_f.parameters():  # ln_f bias only: ln_f goes to torch.func
+        pass
+    model.ln_f.weight.requires_grad_(False)
+    layout = select_parameters(model)
+    comp = GradientComputer(model, LanguageModelingTask(), layout)
+    assert "ln_f" not in comp.layers and "ln_f.bias" in comp.rest_layout.names
+    batch = zoo.lm_batch(n=3)
+    torch.testing.assert_close(comp.flat(batch), per_sample_grads(model, LanguageModelingTask(), batch, layout), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,model,task,batch", CASES, ids=[c[0] for c in CASES])
+def test_ghost_dots_and_norms_equal_materialised(name, model, task, batch):
+    comp = GradientComputer(model, task, select_parameters(model))
+    gx = comp.compute(batch)
+    G = gx.flat()
+    torch.testing.assert_close(gx.dot(gx), G @ G.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx.sq_norms(), G.pow(2).sum(1), rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    d_in=st.integers(1, 5), hidden=st.integers(1, 6), d_out=st.integers(2, 4),
+    n=st.integers(1, 6), T=st.integers(1, 3), bias=st.booleans(),
+)
+def test_linear_shapes_property(d_in, hidden, d_out, n, T, bias):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, hidden, bias=bias), nn.Tanh(), nn.Flatten(), nn.Linear(hidden * T, d_out)).double()
+    x = torch.randn(n, T, d_in, dtype=torch.float64)
+    y = torch.randint(0, d_out, (n,))
+    task = ClassificationTask()
+    ref = per_sample_grads(model, task, (x, y))
+    got = fast_per_sample_grads(model, task, (x, y), method="hooks")
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_size_invariance():
+    model, task = zoo.tiny_lm(), LanguageModelingTask()
+    batch = zoo.lm_batch(n=6)
+    comp = GradientComputer(model, task, select_parameters(model))
+    whole = comp.flat(batch)
+    parts = torch.cat([comp.flat(b) for b in zoo.dict_batches(batch, 4)])
+    torch.testing.assert_close(whole, parts, rtol=1e-10, atol=1e-12)
+
+
+def test_reused_buffer_is_written():
+    model, task = zoo.mlp(), ClassificationTask()
+    x, y = zoo.classification_data(n=4)
+    comp = GradientComputer(model, task, select_parameters(model))
+    buf = torch.empty(4, comp.layout.num_params, dtype=torch.float64)
+    out = comp.flat((x, y), out=buf)
+    assert out.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(out, per_sample_grads(model, task, (x, y)))
+
+
+def test_errors():
+    model = zoo.mlp()
+    with pytest.raises(ValueError, match="Invalid gradient_method 'fast'"):
+        GradientComputer(model, ClassificationTask(), select_parameters(model), method="fast")
+
+    class OnlyScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.scale
+
+    m = OnlyScale()
+    with pytest.raises(InfluenceError, match="gradient_method='hooks' but no attributed parameter"):
+        GradientComputer(m, ClassificationTask(), select_parameters(m), method="hooks")
+
+
+def test_non_batch_first_layer_falls_back():
+    class Shared(nn.Module):  # an embedding fed (T,) positions: not batch-first
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(4, 3)
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x + self.pos(torch.arange(3)).sum(0))
+
+    torch.manual_seed(0)
+    m = Shared().double()
+    batch = (torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,)))
+    comp = GradientComputer(m, ClassificationTask(), select_parameters(m))
+    with pytest.warns(match="hook path cannot run this model"):
+        got = comp.flat(batch)
+    torch.testing.assert_close(got, per_sample_grads(m, ClassificationTask(), batch))
+    strict = GradientComputer(m, ClassificationTask(), select_parameters(m), method="hooks")
+    with pytest.raises(InfluenceError, match="first dimension is not the batch size"):
+        strict.flat(batch)
+
+
+def test_layers_found():
+    names = set(hook_layers(zoo.tiny_lm(), select_parameters(zoo.tiny_lm())))
+    assert {"tok", "pos", "lm_head", "ln_f", "blocks.0.attn.q", "blocks.0.ln1"} <= names
