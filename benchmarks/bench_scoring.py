@@ -83,7 +83,7 @@ def make_case(name, smoke, lm_train=2_000):
 
 
 def pearson(a, b) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+    return float(torch.corrcoef(torch.stack([a.detach().flatten().double(), b.detach().flatten().double()]))[0, 1])
 
 
 def ours(model, task, params, train, test, curvature, **kw):

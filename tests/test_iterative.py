@@ -258,3 +258,21 @@ def test_project_and_exact_matmat_need_fit():
         Arnoldi().project(torch.ones(1, 3))
     with pytest.raises(NotFittedError, match=r"before exact_matmat\(\)"):
         CG().exact_matmat(torch.ones(1, 3))
+
+
+def test_lissa_auto_scale_retries_when_a_minibatch_diverges():
+    import influence
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1, bias=False).double()
+    xs = [0.1 * torch.randn(8, 3, dtype=torch.float64) for _ in range(4)] + [3 * torch.randn(8, 3, dtype=torch.float64)]
+    loader = [(x, torch.randn(8, dtype=torch.float64)) for x in xs]
+    task = influence.RegressionTask()
+    lissa = influence.LiSSA(damping=1.0, curvature_type="hessian", depth=400, num_repeats=4).fit(model, task, loader)
+    exact = influence.Exact(damping=1.0).fit(model, task, loader)
+    G = torch.randn(2, 3, dtype=torch.float64)
+    first_scale = lissa.scale_for(1.0)
+    with pytest.warns(influence.ConvergenceWarning, match="diverged at scale=.*retrying with scale="):
+        X = lissa.solve(G)
+    assert lissa.last_info_["scale"] > first_scale
+    torch.testing.assert_close(X, exact.solve(G), rtol=0.1, atol=0.05)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+import warnings
 
 import torch
 
-from ..exceptions import CurvatureError
+from ..exceptions import ConvergenceWarning, CurvatureError
 from ._layerwise import DATAINF, LayerDampingMixin, block_slices, datainf_damping, training_gradients
 from ._operator import OperatorCurvature
 
 VARIANTS = ("standard", "paper")
 PAPER_ITERATIONS = 3
 _DIVERGENCE = 1e3  # a step longer than this many times ‖g‖ means the recursion diverges
+_AUTO_RETRIES = 3  # scale='auto': on divergence retry with 4x the scale, this many times
 
 
 class LiSSA(LayerDampingMixin, OperatorCurvature):
@@ -36,7 +37,9 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
 
     ``scale="auto"`` estimates the top eigenvalue ``μ_max`` of ``C`` by power iteration at fit
     time (``power_iters`` passes) and uses ``s = 2 μ_max + λ`` at solve time (a margin for
-    minibatch curvature above the mean). A numeric ``scale`` is used as given; when it is too
+    minibatch curvature above the mean); should a minibatch's curvature still exceed ``2s``
+    and the recursion diverge, it warns (:class:`~influence.ConvergenceWarning`) and retries with
+    ``4s``, up to three times. A numeric ``scale`` is used as given; when it is too
     small the iterate norm grows and :class:`~influence.CurvatureError` is raised suggesting a
     larger one. After each solve ``last_info_`` holds ``scale`` and the final relative step
     ``‖x_T − x_{T−1}‖ / ‖x_T‖`` per row.
@@ -137,11 +140,12 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
             self.datainf_damping_ = datainf_damping(self.train_grads_, self.slices_)
         elif self.scale == "auto":
             self.top_eigenvalue_ = abs(operator.top_eigenvalue(self.power_iters, self.seed))
+            self._auto_factor = 1.0
 
     def scale_for(self, damping: float) -> float:
         """The scale ``s`` a standard solve at ``damping`` uses."""
         if self.scale == "auto":
-            return 2.0 * self.top_eigenvalue_ + damping
+            return (2.0 * self.top_eigenvalue_ + damping) * getattr(self, "_auto_factor", 1.0)
         return float(self.scale)
 
     def _solve(self, G, damping):
@@ -157,6 +161,37 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
                 "LiSSA: scale='auto' found a zero curvature and damping is 0: nothing to "
                 "invert. Use damping > 0."
             )
+        for attempt in range(_AUTO_RETRIES + 1):
+            try:
+                x, size = self._recursion(B, s, damping)
+                break
+            except _Diverged as diverged:
+                if self.scale != "auto" or attempt == _AUTO_RETRIES:
+                    raise CurvatureError(
+                        f"LiSSA diverged at step {diverged.step} (repeat {diverged.repeat}): the "
+                        f"iterate norm grew to {diverged.norm:.3g} with scale={s:.3g}. The scale "
+                        "must exceed half the largest eigenvalue of the (minibatch) curvature plus "
+                        "damping: use a larger scale (or scale='auto'), and for an indefinite "
+                        "Hessian more damping or curvature_type='ggn'."
+                    ) from None
+                warnings.warn(
+                    f"LiSSA with scale='auto' diverged at scale={s:.3g} (a minibatch's curvature "
+                    f"exceeds twice the mean's top eigenvalue); retrying with scale={4 * s:.3g}. "
+                    "Larger scales converge more slowly: consider a larger depth.",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
+                s *= 4
+                self._auto_factor = getattr(self, "_auto_factor", 1.0) * 4  # later solves too
+        self.last_info_ = {
+            "scale": s,
+            "final_step": (size / x.norm(dim=1).clamp_min(1e-300)).cpu(),
+        }
+        return x.to(G.device)
+
+    def _recursion(self, B: torch.Tensor, s: float, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The averaged recursions ``x / s`` and the last step norms; raises ``_Diverged``."""
+        operator = self.operator_
         batches = operator.batch_list()
         offsets = [0]
         for batch in batches[:-1]:
@@ -171,20 +206,11 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
                 step = B - (operator.batch_matmat(batches[i], x, offsets[i]) + damping * x) / s
                 size = step.norm(dim=1)
                 if not bool(torch.isfinite(size).all()) or bool((size > _DIVERGENCE * b_norm).any()):
-                    raise CurvatureError(
-                        f"LiSSA diverged at step {t} (repeat {repeat}): the iterate norm grew to "
-                        f"{float(x.norm(dim=1).max()):.3g} with scale={s:.3g}. The scale must "
-                        "exceed half the largest eigenvalue of the (minibatch) curvature plus "
-                        "damping: use a larger scale (or scale='auto'), and for an indefinite "
-                        "Hessian more damping or curvature_type='ggn'."
-                    )
+                    raise _Diverged(t, repeat, float(x.norm(dim=1).max()))
                 x = x + step
             total += x / s
-        self.last_info_ = {
-            "scale": s,
-            "final_step": (size / x.norm(dim=1).clamp_min(1e-300)).cpu(),
-        }
-        return (total / self.num_repeats).to(G.device)
+        return total / self.num_repeats, size / s
+
 
     def _solve_paper(self, G, damping):
         lam = self._coordinate_damping(damping)
@@ -200,3 +226,11 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
                 x = q + x - ((x @ g.T) @ g / N - lam_l * x)
             out[:, sl] = x
         return out.to(G.device)
+
+
+class _Diverged(Exception):
+    """Raised inside a LiSSA recursion whose iterate norm grows."""
+
+    def __init__(self, step: int, repeat: int, norm: float):
+        super().__init__(step, repeat, norm)
+        self.step, self.repeat, self.norm = step, repeat, norm
