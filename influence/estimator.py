@@ -26,7 +26,7 @@ from ._progress import logger, run_options, timed, track
 from ._topk import check_k, streaming_top_k
 from .curvature._base import Curvature, check_instance
 from .curvature.identity import Identity
-from .distributed import all_gather_cat, check_same_model, merge_top_k, shard
+from .distributed import all_gather_cat, all_gather_counts, check_same_model, merge_top_k, shard
 from .exceptions import ModelChangedError, NonFiniteGradientError
 from .gradients.hooks import GRADIENT_METHODS, GradientComputer
 from .params import ParamSpec, parameter_fingerprint, select_parameters
@@ -241,8 +241,15 @@ class InfluenceEstimator(ParamsMixin):
                 norms = self._computer().compute(batch, "loss").sq_norms().to(self.score_dtype)
                 out.append(norms / lam if lam else self.curvature_.solve(norms[:, None]))
             return all_gather_cat(torch.cat(out))  # the ranks' shards
-        for G in self._gradients(self._train(loader), "loss", "train"):
+        train, pad = self._train(loader), 0
+        if getattr(self.curvature_, "_collective_solve", False):
+            # CG under torch.distributed: solve is a collective, so a rank with fewer batches
+            # joins the others' remaining solves with no rows (shards are sized)
+            pad = max(all_gather_counts(len(train))) - len(train)
+        for G in self._gradients(train, "loss", "train"):
             out.append((self.curvature_.solve(G).to(self.score_dtype) * G.to(self.score_dtype)).sum(1))
+        for _ in range(pad):
+            self.curvature_.solve(G[:0])
         return all_gather_cat(torch.cat(out))  # the ranks' shards
 
     @_staged("top_k")

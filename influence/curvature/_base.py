@@ -152,9 +152,9 @@ class Curvature(ParamsMixin, ABC):
     #   finalised into covariances and eigendecompositions;
     # - EK-FAC: pass 0 as K-FAC; pass 1 sums the squared eigenbasis projections of the
     #   per-example gradients (``"<layer>/corrections"``, the corrected eigenvalues);
-    # - CG/LiSSA/Arnoldi keep their ``_fit`` and average their Hessian-vector products across
-    #   ranks at solve time with :func:`influence.distributed.all_reduce_sum` (sum of the shard
-    #   products and counts, then divide).
+    # - CG/LiSSA/Arnoldi/DataInf keep their ``_fit``; their CurvatureOperator sums each product
+    #   over the rank's shard and all-reduces it with :func:`influence.distributed.all_reduce_sum`
+    #   (sum of the shard products and counts, then divide; see curvature/_operator.py).
     _num_passes: int = 1
 
     def _batch_statistics(

@@ -6,6 +6,19 @@ it: one pass over the training loader, one batched product per batch. With ``num
 averages over a seeded random subsample of ``num_samples`` examples instead (chosen once, so
 the operator stays a fixed symmetric matrix, as CG and Lanczos require).
 
+Under ``torch.distributed`` (more than one rank) and without ``num_samples``, the operator is
+**data-parallel**: each rank iterates only its contiguous shard of the loader
+(:func:`influence.distributed.shard`) in :meth:`~CurvatureOperator.matmat` and
+:meth:`~CurvatureOperator.mean_squared_gradients`, and the shard sums and example counts are
+all-reduced, so every rank gets the same full-data product. :meth:`~CurvatureOperator.matmat`
+is then a collective: every rank must call it the same number of times with the same ``V``
+(CG, Lanczos and power iteration do, since their inputs are identical on every rank;
+:func:`replicated_rows` handles rows that differ across ranks). With ``num_samples`` every
+rank holds the same seeded subsample and computes the product alone (no reduction).
+LiSSA's minibatch products (:meth:`~CurvatureOperator.batch_matmat` on
+:meth:`~CurvatureOperator.batch_list`, the full list on every rank) are never reduced: its
+recursion is replicated on every rank, only its scale estimate is data-parallel.
+
 :class:`OperatorCurvature` is the abstract base of the curvatures built on it: it fits
 ``operator_`` and makes :meth:`~Curvature.residual` measure against the true operator.
 """
@@ -18,7 +31,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_unflatten
 
+from .. import distributed
 from .._loader import iterate_batches
+from ..exceptions import InfluenceError
 from .._params_base import check_is_fitted
 from ..gradients.functional import per_sample_grads, split_batch
 from ..params import ParameterLayout
@@ -94,23 +109,30 @@ class CurvatureOperator:
         self.chunk_size = chunk_size
         first = next(iter(layout.tensors(model).values()))
         self.dtype, self.device = first.dtype, first.device
+        self._full_loader = loader
+        self.sharded = False
         if num_samples is None:
-            self.loader = loader
-            self.num_examples = sum(task.num_examples(b) for b in iterate_batches(loader, "loader"))
+            self.loader, self.sharded = _shard_if_possible(loader)
+            local = sum(task.num_examples(b) for b in iterate_batches(self.loader, "loader"))
+            self.num_local_examples = local
+            self.num_examples = sum(distributed.all_gather_counts(local)) if self.sharded else local
             self._list: list | None = None
         else:
             self._list = _subsample(task, loader, num_samples, seed)
             self.loader = self._list
-            self.num_examples = num_samples
+            self.num_examples = self.num_local_examples = num_samples
 
     def batches(self) -> Iterator[Any]:
-        """The batches the operator averages over."""
+        """The batches this rank averages over (its shard when :attr:`sharded`)."""
         return iterate_batches(self.loader, "loader")
 
     def batch_list(self) -> list:
-        """The batches as a list (materialised once, for random access by LiSSA)."""
+        """All batches as a list (materialised once, for random access by LiSSA).
+
+        The full loader (or subsample) on every rank, even when :attr:`sharded`.
+        """
         if self._list is None:
-            self._list = list(self.batches())
+            self._list = list(iterate_batches(self._full_loader, "loader"))
         return self._list
 
     def _product(self, batch: Any, V: torch.Tensor, offset: int) -> torch.Tensor:
@@ -140,7 +162,7 @@ class CurvatureOperator:
         if self._gradient_cache is not None:
             for G in self._gradient_cache:
                 out += ((Vm @ G.T) @ G).double()
-            return out / self.num_examples
+            return self._reduce(out) / self.num_examples
         cache = self._new_gradient_cache()
         offset = 0
         for batch in self.batches():
@@ -154,12 +176,16 @@ class CurvatureOperator:
                 out += ((Vm @ G.T) @ G).double()
             offset += self.task.num_examples(batch)
         self._gradient_cache = cache
-        return out / self.num_examples
+        return self._reduce(out) / self.num_examples
+
+    def _reduce(self, total: torch.Tensor) -> torch.Tensor:
+        """Sums a shard's total over the ranks when the operator is sharded."""
+        return distributed.all_reduce_sum(total) if self.sharded else total
 
     def _new_gradient_cache(self) -> list | None:
-        """An empty gradient cache when the empirical-Fisher gradients fit the budget."""
+        """An empty gradient cache when this rank's empirical-Fisher gradients fit the budget."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        size = self.num_examples * self.layout.num_params * itemsize
+        size = self.num_local_examples * self.layout.num_params * itemsize
         return [] if self.curvature_type == "fisher" and size <= self.cache_bytes else None
 
     def top_eigenvalue(self, num_iters: int = 20, seed: int = 0) -> float:
@@ -184,7 +210,47 @@ class CurvatureOperator:
             with torch.no_grad():
                 G = per_sample_grads(self.model, self.task, batch, self.layout)
             total += G.double().pow(2).sum(0)
-        return total / self.num_examples
+        return self._reduce(total) / self.num_examples
+
+
+def _shard_if_possible(loader: Iterable[Any]) -> tuple[Iterable[Any], bool]:
+    """``(this rank's shard, True)`` under torch.distributed; ``(loader, False)`` otherwise.
+
+    When some rank cannot be given a shard (an unsized loader, or fewer items than ranks),
+    every rank falls back to the full loader (all ranks agree, so the collectives match).
+    """
+    if not distributed.is_active():
+        return loader, False
+    try:
+        local, ok = distributed.shard(loader), True
+    except InfluenceError:
+        local, ok = loader, False
+    if all(distributed.all_gather_objects(ok)):
+        return local, True
+    return loader, False
+
+
+def replicated_rows(fn, V: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """``fn(V)`` for a row-wise collective ``fn`` (e.g. a sharded :meth:`CurvatureOperator.matmat`
+    or a CG solve on it) when the ranks may hold different ``V``.
+
+    Every rank must call this the same number of times (``V`` may have 0 rows). When all ranks
+    hold the same ``V``, ``fn`` runs on it directly; otherwise on the rows of all ranks
+    concatenated in rank order, and each rank keeps its own rows.
+    """
+    if not sharded:
+        return fn(V)
+    import hashlib
+
+    data = V.detach().cpu().contiguous()
+    digest = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    token = (tuple(data.shape), str(data.dtype), digest)
+    if len(set(distributed.all_gather_objects(token))) == 1:
+        return fn(V)
+    counts = distributed.all_gather_counts(V.shape[0], V.device)
+    rank = distributed.rank_and_world()[0]
+    start = sum(counts[:rank])
+    return fn(distributed.all_gather_cat(V))[start : start + V.shape[0]]
 
 
 def _subsample(task: Task, loader: Iterable[Any], num_samples: int, seed: int) -> list:
@@ -231,7 +297,14 @@ class OperatorCurvature(Curvature):
         return self._exact_matmat(V, self._damping(damping)).to(V.dtype)
 
     def _exact_matmat(self, V: torch.Tensor, damping) -> torch.Tensor:
-        return self.operator_.matmat(V).to(V.device) + damping * V.double()
+        # a collective when the operator is sharded; V may differ across ranks (residual)
+        product = replicated_rows(self.operator_.matmat, V, self.operator_.sharded)
+        return product.to(V.device) + damping * V.double()
+
+    @property
+    def _collective_solve(self) -> bool:
+        """True when ``solve`` is a collective (every rank must call it equally often)."""
+        return False
 
     def _matmat(self, V: torch.Tensor, damping: float) -> torch.Tensor:
         return self._exact_matmat(V, damping)

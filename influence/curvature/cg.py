@@ -12,7 +12,7 @@ import torch
 from .._params_base import clone
 from ..exceptions import ConvergenceWarning, CurvatureError
 from ._base import Curvature, check_instance
-from ._operator import OperatorCurvature
+from ._operator import OperatorCurvature, replicated_rows
 
 Matmat = Callable[[torch.Tensor], torch.Tensor]
 
@@ -136,6 +136,11 @@ class CG(OperatorCurvature):
     The Hessian of a non-convex model is indefinite: CG then meets ``pᵀ(C + λI)p <= 0`` and
     raises :class:`~influence.CurvatureError`; use ``curvature_type="ggn"`` or more damping.
 
+    Under ``torch.distributed`` (no ``num_samples``) each product sums the ranks' shards
+    (:mod:`._operator`), so ``solve`` is a collective: every rank must call it equally often;
+    rows that differ across ranks are solved jointly (``last_info_`` then covers all ranks'
+    rows) and each rank gets its own.
+
     Args:
         damping: ``λ``.
         curvature_type: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
@@ -212,7 +217,16 @@ class CG(OperatorCurvature):
             return lambda R: self.preconditioner_.solve(R, damping).double()
         return None
 
+    @property
+    def _collective_solve(self) -> bool:
+        return self.operator_.sharded
+
     def _solve(self, G, damping):
+        # with a sharded operator (torch.distributed) every product is a collective: rows that
+        # differ across ranks (e.g. self-influence of each rank's shard) are solved jointly
+        return replicated_rows(lambda B: self._solve_rows(B, damping), G, self.operator_.sharded)
+
+    def _solve_rows(self, G, damping):
         operator = self.operator_
         B = G.to(operator.device, torch.float64)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import all_gather_cat
 from ..exceptions import CurvatureError
 from ._layerwise import LayerDampingMixin, block_slices, datainf_damping, training_gradients
 from ._operator import OperatorCurvature
@@ -34,6 +35,8 @@ class DataInf(LayerDampingMixin, OperatorCurvature):
     inverse of the approximation (Woodbury, an ``N × N`` Cholesky per block), so
     ``solve(matmat(V)) = V``; ``residual`` measures against the exact operator ``C + λI`` of
     ``curvature_type`` (default the empirical Fisher DataInf approximates, all blocks coupled).
+    Under ``torch.distributed`` (no ``num_samples``) each rank computes the gradients of its
+    shard and they are all-gathered in rank order, so every rank holds the same ``train_grads_``.
 
     Args:
         damping: float ``λ > 0`` or ``"datainf"``.
@@ -74,7 +77,10 @@ class DataInf(LayerDampingMixin, OperatorCurvature):
     def _fit(self, model, task, loader, layout):
         self.slices_ = block_slices(layout, self.blocks, "DataInf")
         operator = self._make_operator(model, task, loader, layout)
-        self.train_grads_ = training_gradients(model, task, operator.loader, layout, self.chunk_size)
+        grads = training_gradients(model, task, operator.loader, layout, self.chunk_size)
+        # under torch.distributed each rank computes its shard's gradients; gathered in rank
+        # order (contiguous shards), every rank holds all of them in loader order
+        self.train_grads_ = all_gather_cat(grads) if operator.sharded else grads
         self.datainf_damping_ = datainf_damping(self.train_grads_, self.slices_)
         self.block_sq_norms_ = [
             self.train_grads_[:, sl].double().pow(2).sum(1) for sl in self.slices_

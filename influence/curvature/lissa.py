@@ -60,6 +60,12 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
 
     ``matmat`` and ``residual`` use the exact operator ``C + λI`` of ``curvature_type``.
 
+    Under ``torch.distributed`` (no ``num_samples``) the power iteration of ``scale="auto"``,
+    ``matmat`` and ``residual`` are data-parallel (shard products, all-reduced), while the
+    recursion is replicated: every rank draws the same seeded batches from the full loader and
+    reduces nothing, so all ranks return the same solve. ``variant="paper"`` computes its
+    training gradients on the full loader on every rank.
+
     Args:
         damping: ``λ`` (``"datainf"`` only with ``variant="paper"``).
         curvature_type: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (standard variant).
