@@ -61,6 +61,16 @@ def test_whole_pipeline_tiny(tmp_path):
     assert "Acc" in summary(results)
 
 
+def test_pipeline_runs_on_a_peft_lora_model(tmp_path):
+    pytest.importorskip("peft")
+    config = tiny_config(tasks=("math",), methods=("identity", "ekfac", "repsim"), epochs=1,
+                         checkpoints=(), lora_backend="peft")
+    results = run_demo(config, cache_dir=tmp_path, progress=False, log=lambda s: None)
+    task = results["tasks"][0]
+    assert task["num_lora_params"] == 2 * 2 * 4 * 16
+    assert all(task["methods"][m]["status"] == "ok" for m in ("identity", "ekfac", "repsim")), task["methods"]
+
+
 class StudyLiSSA(Exact):
     """A stand-in for a curvature landing from another branch: Exact with an iteration count."""
 
