@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -136,10 +136,6 @@ def module_name(param_name: str) -> str:
     return param_name.rpartition(".")[0]
 
 
-def _unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return list(model.named_parameters())  # remove_duplicate=True: tied weights once
-
-
 def select_parameters(model: nn.Module, params: ParamSpec = "trainable") -> ParameterLayout:
     """Builds the :class:`ParameterLayout` of the parameters to attribute.
 
@@ -150,7 +146,7 @@ def select_parameters(model: nn.Module, params: ParamSpec = "trainable") -> Para
     if isinstance(params, ParameterLayout):
         params.tensors(model)  # validates the names
         return params
-    named = _unique_named_parameters(model)
+    named = list(model.named_parameters())  # remove_duplicate=True: tied weights once
     if not named:
         raise ValueError(
             f"{type(model).__name__} has no parameters: there is nothing to attribute."
@@ -209,11 +205,3 @@ def parameter_fingerprint(model: nn.Module, layout: ParameterLayout) -> str:
             h.update(str(tuple(t.shape)).encode())
             h.update(stats.cpu().numpy().tobytes())
     return h.hexdigest()
-
-
-def iter_named_modules_of(layout: ParameterLayout, model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    """Yields ``(name, module)`` for each module owning at least one attributed parameter."""
-    wanted = {module_name(n) for n in layout.names}
-    for name, module in model.named_modules():
-        if name in wanted:
-            yield name, module

@@ -150,3 +150,14 @@ def test_bad_chunk_size_and_batch():
         per_sample_grads(zoo.mlp(), ClassificationTask(), zoo.classification_data(), chunk_size=0)
     with pytest.raises(BatchFormatError, match="could not read"):
         per_sample_grads(zoo.mlp(), ClassificationTask(), [torch.zeros(2, 4)] * 3)
+
+
+def test_loop_fallback_works_under_no_grad():
+    """Curvatures call per_sample_grads under torch.no_grad; the loop must still differentiate."""
+    torch.manual_seed(1)
+    model = DataDependent().double()
+    data = zoo.classification_data(n=3, d_in=3, classes=2)
+    with torch.no_grad(), pytest.warns(FallbackWarning):
+        G = per_sample_grads(model, ClassificationTask(), data)
+    ref = oracles.loop_grads(model, ClassificationTask().loss, data)
+    torch.testing.assert_close(G, ref, atol=ATOL, rtol=0)

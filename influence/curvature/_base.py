@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._params_base import ParamsMixin, check_is_fitted
-from ..exceptions import InfluenceError, NonFiniteGradientError
+from ..exceptions import NonFiniteGradientError
 from ..params import ParameterLayout, ParamSpec, select_parameters
 from ..tasks import Task
 

@@ -32,13 +32,9 @@ def block_slices(layout: ParameterLayout, blocks: str, owner: str) -> list[slice
 
 def training_gradients(model, task, loader, layout, chunk_size=None) -> torch.Tensor:
     """All per-example training gradients ``(N, P)`` of the loader, in the parameters' dtype."""
-    with torch.no_grad():  # torch.func still differentiates; no graph to other parameters
-        return torch.cat(
-            [
-                per_sample_grads(model, task, b, layout, chunk_size)
-                for b in iterate_batches(loader, "loader")
-            ]
-        )
+    return torch.cat(
+        [per_sample_grads(model, task, b, layout, chunk_size) for b in iterate_batches(loader, "loader")]
+    )
 
 
 def datainf_damping(G: torch.Tensor, slices: list[slice]) -> torch.Tensor:

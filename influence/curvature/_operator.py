@@ -136,10 +136,9 @@ class CurvatureOperator:
         return self._list
 
     def _product(self, batch: Any, V: torch.Tensor, offset: int) -> torch.Tensor:
-        with torch.no_grad():  # torch.func transforms still differentiate; no graph is kept
-            out = batch_matmat(
-                self.curvature_type, self.model, self.task, self.layout, batch, V, self.chunk_size
-            )
+        out = batch_matmat(
+            self.curvature_type, self.model, self.task, self.layout, batch, V, self.chunk_size
+        )
         check_finite_statistics(out, self.model, self.task, batch, self.layout, offset)
         return out.double()
 
@@ -169,8 +168,7 @@ class CurvatureOperator:
             if cache is None:
                 out += self._product(batch, Vm, offset)
             else:
-                with torch.no_grad():
-                    G = per_sample_grads(self.model, self.task, batch, self.layout)
+                G = per_sample_grads(self.model, self.task, batch, self.layout)
                 check_finite_statistics(G, self.model, self.task, batch, self.layout, offset)
                 cache.append(G)
                 out += ((Vm @ G.T) @ G).double()
@@ -207,8 +205,7 @@ class CurvatureOperator:
         """``(1/N) Σ_j ∇ℓ(z_j)²`` elementwise, ``(P,)``: the empirical Fisher's diagonal."""
         total = torch.zeros(self.layout.num_params, dtype=torch.float64, device=self.device)
         for batch in self.batches():
-            with torch.no_grad():
-                G = per_sample_grads(self.model, self.task, batch, self.layout)
+            G = per_sample_grads(self.model, self.task, batch, self.layout)
             total += G.double().pow(2).sum(0)
         return self._reduce(total) / self.num_examples
 

@@ -63,7 +63,16 @@ def batch_matmat(
     V: torch.Tensor,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """``(Σ_b C_b) v`` for every row ``v`` of ``V`` (``(n, P)`` in, ``(n, P)`` out)."""
+    """``(Σ_b C_b) v`` for every row ``v`` of ``V`` (``(n, P)`` in, ``(n, P)`` out).
+
+    Runs under ``torch.no_grad``: the torch.func transforms still differentiate, and no autograd
+    graph is kept through parameters outside the layout.
+    """
+    with torch.no_grad():
+        return _batch_matmat(curvature_type, model, task, layout, batch, V, chunk_size)
+
+
+def _batch_matmat(curvature_type, model, task, layout, batch, V, chunk_size):
     check_curvature_type(curvature_type)
     theta = flat_parameters(model, layout)
     V = V.to(theta.dtype)

@@ -67,8 +67,7 @@ class Exact(Curvature):
     def _batch_statistics(self, model, task, batch, layout, pass_index):
         first = next(iter(layout.tensors(model).values()))
         if self.curvature_type == "fisher":  # Σ_j g_j g_jᵀ from one gradient pass
-            with torch.no_grad():
-                G = per_sample_grads(model, task, batch, layout).double()
+            G = per_sample_grads(model, task, batch, layout).double()
             matrix = G.T @ G
         else:
             matrix = self._summed_matrix(model, task, batch, layout)
@@ -83,8 +82,7 @@ class Exact(Curvature):
         eye = torch.eye(P, dtype=first.dtype, device=first.device)
         step = self.chunk_size or P
         for start in range(0, P, step):
-            with torch.no_grad():  # torch.func transforms still differentiate; no graph is kept
-                block = batch_matmat(self.curvature_type, model, task, layout, batch, eye[start : start + step])
+            block = batch_matmat(self.curvature_type, model, task, layout, batch, eye[start : start + step])
             matrix[start : start + step] += block.double()
         return matrix
 

@@ -96,17 +96,19 @@ class _PerExample:
             return self._value(p, tree_unflatten(rebuilt, spec))
 
         in_dims = (None, *[0 if b else None for b in batched])
-        return vmap(grad(one), in_dims=in_dims, randomness="different", chunk_size=chunk_size)(
-            params, *leaves
-        )
+        with torch.no_grad():  # torch.func still differentiates; no graph to other parameters
+            return vmap(grad(one), in_dims=in_dims, randomness="different", chunk_size=chunk_size)(
+                params, *leaves
+            )
 
     def looped(self, params, leaves, spec, batched, n):
         per_name: dict[str, list[torch.Tensor]] = {k: [] for k in params}
         for i in range(n):  # plain autograd: works where function transforms cannot
             example = [leaf[i : i + 1] if b else leaf for leaf, b in zip(leaves, batched)]
             live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-            value = self._value(live, tree_unflatten(example, spec))
-            grads = torch.autograd.grad(value, list(live.values()), allow_unused=True)
+            with torch.enable_grad():  # also when a caller runs under no_grad
+                value = self._value(live, tree_unflatten(example, spec))
+                grads = torch.autograd.grad(value, list(live.values()), allow_unused=True)
             for (k, v), g in zip(live.items(), grads):
                 per_name[k].append(torch.zeros_like(v) if g is None else g)
         return {k: torch.stack(v) for k, v in per_name.items()}
