@@ -102,8 +102,11 @@ def weight_grads(f: LayerFactors, out: torch.Tensor | None = None) -> torch.Tens
             rows, gg = rows[keep], gg[keep]
         if out.is_contiguous():
             out.view(B * V, D).index_add_(0, rows, gg)
-        else:
-            out.copy_(torch.zeros(B * V, D, dtype=g.dtype, device=g.device).index_add_(0, rows, gg).view(B, V, D))
+        else:  # a strided view of a (B, P) buffer: each example's (V, D) block is contiguous
+            examples = rows.div(V, rounding_mode="floor")
+            for b in range(B):
+                sel = examples == b
+                out[b].index_add_(0, rows[sel] - b * V, gg[sel])
         return out
     if info.kind == "layernorm":
         res = (g * a).sum(1)
@@ -187,13 +190,9 @@ class BatchGrads:
             out = torch.empty(self.n, P, dtype=dtype, device=device)
         for name, f in self.layers.items():
             info = f.info
-            view = out[:, c.slices[info.weight]].view(self.n, *c.wshape[name])
-            if info.kind != "layernorm" and (f.g.shape[1] > 1 or info.kind == "embedding") and not view.is_contiguous():
-                # a batched GEMM into a strided view is ~10x slower than into a contiguous
-                # buffer plus one copy: use a reused scratch buffer
-                view.copy_(weight_grads(f, c.scratch(name, (self.n, *c.wshape[name]), f.g)))
-            else:
-                weight_grads(f, view)
+            # batched GEMMs write straight into the strided (n, d_out, d_in) view of ``out``
+            # (torch 2.13 CPU: as fast as into a contiguous buffer, and no extra copy)
+            weight_grads(f, out[:, c.slices[info.weight]].view(self.n, *c.wshape[name]))
             if info.bias is not None:
                 torch.sum(f.g, dim=1, out=out[:, c.slices[info.bias]])
         if self.rest is not None:
@@ -250,7 +249,6 @@ class GradientComputer:
                 "gradient_method='hooks' but no attributed parameter belongs to a Linear, "
                 "Conv2d, Embedding or LayerNorm module. Use gradient_method='func' or 'auto'."
             )
-        self._scratch: dict[str, torch.Tensor] = {}
         self._setup()
 
     def _setup(self) -> None:
@@ -261,13 +259,6 @@ class GradientComputer:
         self.slices = self.layout.slices()
         self.rest_slices = list(self.rest_layout.slices().items()) if self.rest_layout else []
         self.wshape = {n: (i.d_in,) if i.kind == "layernorm" else ((i.module.num_embeddings, i.d_out) if i.kind == "embedding" else (i.d_out, i.d_in)) for n, i in self.layers.items()}
-
-    def scratch(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
-        """A buffer reused across batches (reallocated only when shape/dtype/device change)."""
-        buf = self._scratch.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._scratch[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return buf
 
     def _fallback(self, error: Exception) -> None:
         if self.method == "hooks":
