@@ -40,6 +40,12 @@ PROJECTIONS = (None, "factored", "dense")
 PRECISIONS = ("default", "bf16")
 _REST = "<torch.func parameters>"
 _CHUNK = 1 << 24  # elements of the largest temporary of the factored kernel
+# Ghost/factored multiply-adds are small GEMMs on cached data; materialising writes and re-reads
+# B·d_in·d_out gradient entries. Measured on 2 CPU cores (benchmarks/bench_crossover.py, torch
+# 2.13, widths 128-1024, 16-64 queries) ghost's multiply-adds were ~1.5x cheaper near the
+# crossover (measured ties at cost ratios 0.5-0.65): the factored form is chosen while
+# cost_factored < GHOST_EFFICIENCY · cost_materialise.
+GHOST_EFFICIENCY = 1.5
 
 
 class ScoringConfig(ParamsMixin):
@@ -146,8 +152,8 @@ class Scorer:
             elif not self.identity and cfg.query_rank is None:
                 mode, why = "materialise", "exact preconditioned queries (set query_rank for low-rank)"
             else:
-                mode = "factored" if cost_fac < cost_mat else "materialise"
-                why = "cost model (multiply-adds per training example)"
+                mode = "factored" if cost_fac < GHOST_EFFICIENCY * cost_mat else "materialise"
+                why = f"cost model (multiply-adds per training example; factored counted at 1/{GHOST_EFFICIENCY:g})"
             entry.update(mode=mode, reason=why)
             if mode == "factored":
                 entry["form"] = "ghost (exact)" if self.identity else f"low-rank SVD r={r}"
