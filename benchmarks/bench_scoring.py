@@ -14,6 +14,7 @@ below), so the low-rank query path is exercised with a non-identity precondition
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -145,7 +146,9 @@ def kronfluence_scores(model, task_name, train, test, strategy, damping):
     bs = len(train[0][1]) if task_name == "mlp" else train[0]["input_ids"].shape[0]
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        kmodel = prepare_model(model, ktask)
+        # prepare_model wraps the Linear layers in place (TrackedLinear): give it a copy, or every
+        # later row of ours would see unsupported modules and fall back
+        kmodel = prepare_model(copy.deepcopy(model), ktask)
         an = Analyzer("bench", kmodel, ktask, cpu=True, disable_tqdm=True, output_dir=tmp)
         an.fit_all_factors("f", train_ds, per_device_batch_size=bs, factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
         an.compute_pairwise_scores("s", "f", test_ds, train_ds, per_device_query_batch_size=len(test_ds), per_device_train_batch_size=bs,
