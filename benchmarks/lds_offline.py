@@ -32,6 +32,9 @@ Protocol (also written next to the table):
   RepSim: cosine of the inputs (logistic regression) or of the hidden layer (MLP).
 - times: wall-clock seconds of ``fit`` and of ``pairwise_scores`` on the queries, on a shared
   2-core CPU (other jobs ran at the same time: read them as rough).
+- budget: every method runs with its library defaults (e.g. LiSSA depth 1000, CG 100
+  iterations) under a wall-clock budget (``--method-timeout``, 300 s) covering its LDS fit and
+  scores and its noisy-label self-scores; a method over budget is reported as timed out.
 
 Usage::
 
@@ -49,6 +52,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # before numpy/torch: oversubscribed threads ran 10x slower
 
 import platform
+import signal
 import sys
 import time
 import warnings
@@ -262,6 +266,14 @@ def run_method(make, trained, train, test):
     return scores.double().numpy(), t1 - t0, t2 - t1
 
 
+class MethodTimeout(Exception):
+    """A method ran past ``--method-timeout``."""
+
+
+def _alarm(signum, frame):
+    raise MethodTimeout
+
+
 def bench(dataset_name, kind, data, args):
     x, y, xq, yq = data
     n = len(y)
@@ -288,6 +300,8 @@ def bench(dataset_name, kind, data, args):
     for name, make in methods.items():
         row = {"dataset": dataset_name, "model": kind, "method": name,
                "num_params": sum(p.numel() for p in full.model.parameters())}
+        previous = signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(args.method_timeout)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -300,8 +314,13 @@ def bench(dataset_name, kind, data, args):
                 auc = None if constant else roc_auc(self_scores, flipped)
             row.update(lds=lds.mean, lds_low=lds.ci_low, lds_high=lds.ci_high, noisy_auc=auc,
                        fit_s=fit_s, score_s=score_s)
+        except MethodTimeout:
+            row["error"] = f"timed out (over the {args.method_timeout} s budget at library defaults)"
         except Exception as error:  # recorded in the table, e.g. a curvature too large
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
         print(f"  {name:<30} {_cell(row)}", file=sys.stderr)
         rows.append(row)
     return rows, retrain_s
@@ -347,7 +366,7 @@ def markdown(rows, meta) -> str:
     lines += [
         "",
         "Rows marked skipped are methods that refused the problem (``Exact`` keeps a dense P x P "
-        "matrix only up to 5,000 parameters). The method list is read from "
+        "matrix only up to 5,000 parameters) or ran past the per-method budget. The method list is read from "
         "``influence.CURVATURES`` at run time, so curvatures merged later appear on a rerun.",
     ]
     if "cpu_s" in meta:
@@ -369,6 +388,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy 2-core box)")
+    parser.add_argument("--method-timeout", type=int, default=300, help="wall-clock seconds per method (fit, scores, self-scores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:

@@ -73,9 +73,9 @@ def input_statistics(info: LayerInfo, a: torch.Tensor, mask: torch.Tensor | None
         if m.padding_idx is not None:
             counts[m.padding_idx] = 0
         return counts, ids.numel()
-    a = homogeneous(info, a.to(F64))
+    a = homogeneous(info, a)
     rows = a[keep] if keep is not None else a.reshape(-1, a.shape[-1])
-    return rows.T @ rows, rows.shape[0]
+    return (rows.T @ rows).to(F64), rows.shape[0]
 
 
 def _zero_statistics(info: LayerInfo, device) -> dict[str, torch.Tensor]:
@@ -121,8 +121,8 @@ def factor_statistics(
             for name, info in layers.items():
                 if name not in cap.output_grads:
                     continue  # the layer did not run in this forward
-                s = cap.output_grads[name].to(F64).reshape(-1, info.d_out)
-                stats[f"{name}/S"] += (s.T @ s).to(device)
+                s = cap.output_grads[name].reshape(-1, info.d_out)
+                stats[f"{name}/S"] += (s.T @ s).to(device=device, dtype=F64)
                 stats[f"{name}/S_count"] += n
                 if k == 0:
                     A, tokens = input_statistics(info, cap.inputs[name], mask)
@@ -226,15 +226,15 @@ def rotated_grads(block: KroneckerBlock, a: torch.Tensor, s: torch.Tensor) -> to
     flat per-example gradient.
     """
     info = block.info
-    s = s.to(F64) @ block.Q_S.to(s.device)
+    s = s @ block.Q_S.to(s)
     if info.kind == "embedding":  # scatter token rows: no (B, T, vocab) one-hot
         B, T, d = s.shape
         out = s.new_zeros(B, info.d_in, d).scatter_add_(1, a[..., None].expand(B, T, d), s)
         if info.module.padding_idx is not None:
             out[:, info.module.padding_idx] = 0
         return out.transpose(1, 2)
-    a = homogeneous(info, a.to(F64)) @ block.Q_A.to(a.device)
-    return torch.einsum("bto,bti->boi", s, a)
+    a = homogeneous(info, a) @ block.Q_A.to(s)
+    return torch.bmm(s.transpose(1, 2), a)
 
 
 def correction_statistics(
@@ -265,6 +265,6 @@ def correction_statistics(
             cap.backward(loss, retain_graph=k < len(losses) - 1)
             for name in cap.output_grads:
                 sq = rotated_grads(by_name[name], cap.inputs[name], cap.output_grads[name])
-                stats[f"{name}/corrections"] += sq.pow(2).sum(0).to(device)
+                stats[f"{name}/corrections"] += sq.pow(2).sum(0, dtype=F64).to(device)
                 stats[f"{name}/corrections_count"] += n
     return stats

@@ -242,7 +242,10 @@ class EKFAC(KFAC):
             return super()._finalize(statistics, layout, pass_index)
         statistics = dict(statistics)
         del statistics["num_examples"]  # pass 0's count stays
-        self._set_statistics({**self.statistics_, **statistics})
+        # the corrections were measured in pass 0's eigenbases: keep them (rebuilding would
+        # redo every eigendecomposition and give the same bases); only the eigenvalues change
+        self.statistics_ = {**self.statistics_, **statistics}
+        self.blocks_ = [self._eigenvalues(b, self.statistics_) if b.method == "kronecker" else b for b in self.blocks_]
 
     def _eigenvalues(self, block, stats):
         key = f"{block.info.name}/corrections"
