@@ -133,3 +133,44 @@ def test_non_batch_first_layer_falls_back():
 def test_layers_found():
     names = set(hook_layers(zoo.tiny_lm(), select_parameters(zoo.tiny_lm())))
     assert {"tok", "pos", "lm_head", "ln_f", "blocks.0.attn.q", "blocks.0.ln1"} <= names
+
+
+class _ConvNet(nn.Module):
+    """One Conv2d (optionally applied twice, sharing its weight) → mean pool → Linear."""
+
+    def __init__(self, conv: nn.Conv2d, twice: bool):
+        super().__init__()
+        self.conv, self.twice = conv, twice
+        self.fc = nn.Linear(conv.out_channels, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        if self.twice:
+            h = torch.tanh(self.conv(h[:, : self.conv.in_channels]))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    "kw,twice",
+    [
+        (dict(kernel_size=3, padding=1), False),
+        (dict(kernel_size=(2, 3), stride=2, padding=(1, 2)), False),
+        (dict(kernel_size=3, dilation=2, padding="valid", bias=False), False),
+        (dict(kernel_size=3, stride=(1, 2), padding=1), True),
+    ],
+)
+def test_conv_geometries_grouped_and_patch_paths(kw, twice):
+    """Per-example conv gradients by grouped convolution (a conv called once) and by patches
+    (called twice) equal torch.func for strides, dilation, asymmetric padding and kernels."""
+    torch.manual_seed(0)
+    model = _ConvNet(nn.Conv2d(4, 4, **kw), twice).double().eval()
+    batch = (torch.randn(5, 4, 9, 11, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    task = ClassificationTask()
+    comp = GradientComputer(model, task, select_parameters(model), method="hooks")
+    bg = comp.compute(batch)
+    assert (bg.layers["conv"].x is not None) is (not twice)  # raw input kept only when called once
+    ref = per_sample_grads(model, task, batch)
+    torch.testing.assert_close(bg.flat(), ref, rtol=1e-10, atol=1e-12)
+    # the patches made on demand give the same gradients and ghost products
+    torch.testing.assert_close(bg.dot(bg), ref @ ref.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bg.sq_norms(), ref.pow(2).sum(1), rtol=1e-10, atol=1e-12)

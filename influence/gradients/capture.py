@@ -144,6 +144,11 @@ def supported_layers(
     return layers
 
 
+def tokens_in(info: LayerInfo, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as ``(B, T, d_in)`` tokens (Conv2d: patches; Embedding: ``(B, T)`` ids)."""
+    return _tokens_in(info, x)
+
+
 def _tokens_in(info: LayerInfo, x: torch.Tensor) -> torch.Tensor:
     m = info.module
     if info.kind in ("linear", "conv1d"):
@@ -193,15 +198,21 @@ class LayerCapture:
     shared by the whole batch (first dimension 1, e.g. GPT-2's ``(1, T)`` position ids) has its
     output expanded to ``batch_size`` (the forward computes the same values), so that each
     example gets its own output gradient; any other first dimension raises. Set ``need_inputs=False`` to skip storing
-    inputs (e.g. when only output gradients are needed).
+    inputs (e.g. when only output gradients are needed). With ``raw_conv_inputs=True`` a Conv2d
+    called once keeps its raw input ``(B, C, H, W)`` in ``raw_inputs[name]`` instead of its
+    patches in ``inputs[name]`` (the patches are a ``C·kh·kw``-fold copy that per-example weight
+    gradients by grouped convolution do not need; :func:`tokens_in` makes them on demand).
     """
 
     def __init__(
-        self, layers: dict[str, LayerInfo], need_inputs: bool = True, batch_size: int | None = None
+        self, layers: dict[str, LayerInfo], need_inputs: bool = True, batch_size: int | None = None,
+        raw_conv_inputs: bool = False,
     ):
         self.layers = layers
         self.batch_size = batch_size
         self.need_inputs = need_inputs
+        self.raw_conv_inputs = raw_conv_inputs
+        self.raw_inputs: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._inputs: dict[str, list[torch.Tensor]] = {}
         self._outputs: dict[str, list[torch.Tensor]] = {}
@@ -239,7 +250,8 @@ class LayerCapture:
                     "of the attributed parameters."
                 )
             if self.need_inputs:
-                self._inputs[name].append(_tokens_in(info, x))
+                raw = self.raw_conv_inputs and info.kind == "conv2d"
+                self._inputs[name].append(x if raw else _tokens_in(info, x))
             self._outputs[name].append(output)
             return output
 
@@ -268,6 +280,11 @@ class LayerCapture:
             self.output_grads[name] = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             if self.need_inputs:
                 parts_in = self._inputs[name]
+                if self.raw_conv_inputs and info.kind == "conv2d":
+                    if len(parts_in) == 1:
+                        self.raw_inputs[name] = parts_in[0]
+                        continue
+                    parts_in = [_tokens_in(info, x) for x in parts_in]
                 self.inputs[name] = torch.cat(parts_in, dim=1) if len(parts_in) > 1 else parts_in[0]
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from ..exceptions import FallbackWarning, InfluenceError
 from ..params import ParameterLayout
 from ..tasks import Task
-from .capture import LayerCapture, LayerInfo, supported_layers
+from .capture import LayerCapture, LayerInfo, supported_layers, tokens_in
 from .functional import check_vmappable_modes, per_sample_grads, task_objective
 
 GRADIENT_METHODS = ("auto", "func", "hooks")
@@ -79,18 +79,55 @@ class _Capture(LayerCapture):
         return hook
 
 
-@dataclass
 class LayerFactors:
-    """One layer's factors for a batch: ``a (B, T, d_in)`` (ids for Embedding), ``g (B, T, d_out)``."""
+    """One layer's factors for a batch: ``a (B, T, d_in)`` (ids for Embedding), ``g (B, T, d_out)``.
 
-    info: LayerInfo
-    a: torch.Tensor
-    g: torch.Tensor
+    A Conv2d may instead be given its raw input ``x (B, C, H, W)``: its patches ``a`` are then
+    made on first access only, and :func:`weight_grads` uses a grouped convolution on ``x``.
+    """
+
+    __slots__ = ("info", "_a", "g", "x")
+
+    def __init__(self, info: LayerInfo, a: torch.Tensor | None, g: torch.Tensor, x: torch.Tensor | None = None):
+        if a is None and x is None:
+            raise ValueError("LayerFactors needs the tokens a or the raw input x.")
+        self.info, self._a, self.g, self.x = info, a, g, x
+
+    @property
+    def a(self) -> torch.Tensor:
+        if self._a is None:
+            self._a = tokens_in(self.info, self.x)
+        return self._a
+
+
+def _conv_weight_grads(f: LayerFactors, out: torch.Tensor | None) -> torch.Tensor:
+    """Per-example Conv2d weight gradients ``(B, C_out, C_in·kh·kw)`` from the raw input.
+
+    The batch is folded into the channels and the weight gradient of a convolution with
+    ``groups = B`` is taken (what torch.func's batching rule does): one backward-weight kernel,
+    no patch matrix.
+    """
+    m, x, g = f.info.module, f.x, f.g
+    B, C, H, W = x.shape
+    C_out = m.out_channels
+    padding = (0, 0) if m.padding == "valid" else tuple(m.padding)
+    Ho = (H + 2 * padding[0] - m.dilation[0] * (m.kernel_size[0] - 1) - 1) // m.stride[0] + 1
+    Wo = g.shape[1] // Ho
+    grad_out = g.transpose(1, 2).reshape(1, B * C_out, Ho, Wo)
+    weight_shape = m.weight.new_empty(()).expand(B * C_out, C, *m.kernel_size)  # shape only
+    res = torch.ops.aten.convolution_backward(
+        grad_out, x.reshape(1, B * C, H, W), weight_shape, None, list(m.stride), list(padding),
+        list(m.dilation), False, [0, 0], B, [False, True, False],
+    )[1].view(B, C_out, -1)
+    return res if out is None else out.copy_(res)
 
 
 def weight_grads(f: LayerFactors, out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example weight gradients ``(B, d_out, d_in)`` (Embedding: ``(B, V, D)``)."""
-    info, a, g = f.info, f.a, f.g
+    info, g = f.info, f.g
+    if info.kind == "conv2d" and f._a is None:
+        return _conv_weight_grads(f, out)
+    a = f.a
     B, T = g.shape[0], g.shape[1]
     if info.kind == "embedding":
         V, D = info.module.num_embeddings, info.d_out
@@ -280,7 +317,7 @@ class GradientComputer:
         if self.layers:
             check_vmappable_modes(self.model)
             try:
-                with _Capture(self.layers, batch_size=n) as cap:
+                with _Capture(self.layers, batch_size=n, raw_conv_inputs=True) as cap:
                     losses = fn(self.model, batch)
                     if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
                         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
@@ -302,6 +339,9 @@ class GradientComputer:
                     factors[name] = LayerFactors(info, a, g)
                     continue
                 g = cap.output_grads[name]
+                if name in cap.raw_inputs:  # a Conv2d called once: patches only on demand
+                    factors[name] = LayerFactors(info, None, g, x=cap.raw_inputs[name])
+                    continue
                 a = cap.inputs[name]
                 if info.kind == "layernorm":
                     a = a.reshape(n, -1, info.d_in)
