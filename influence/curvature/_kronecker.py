@@ -237,6 +237,22 @@ def rotated_grads(block: KroneckerBlock, a: torch.Tensor, s: torch.Tensor) -> to
     return torch.bmm(s.transpose(1, 2), a)
 
 
+def squared_rotated_sum(block: KroneckerBlock, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``Σ_b (Q_Sᵀ G_b Q_A)²`` (elementwise square) over a batch, ``(d_out, d_in')``, float64.
+
+    With one token per example (``T = 1``) the rotated gradient is the outer product
+    ``(Q_Sᵀ s_b)(Q_Aᵀ a_b)ᵀ``, whose square is ``(Q_Sᵀ s_b)² ((Q_Aᵀ a_b)²)ᵀ``: the sum over the
+    batch is one GEMM of the squared rotated factors, and no per-example gradient is formed.
+    Otherwise the rotated per-example gradients are formed (:func:`rotated_grads`).
+    """
+    info = block.info
+    if s.shape[1] == 1 and info.kind != "embedding":
+        s1 = s[:, 0] @ block.Q_S.to(s)
+        a1 = homogeneous(info, a[:, 0]) @ block.Q_A.to(s)
+        return (s1.pow(2).T @ a1.pow(2)).to(F64)
+    return rotated_grads(block, a, s).pow(2).sum(0, dtype=F64)
+
+
 def correction_statistics(
     model: nn.Module,
     task: Task,
@@ -264,7 +280,7 @@ def correction_statistics(
         for k, loss in enumerate(losses):
             cap.backward(loss, retain_graph=k < len(losses) - 1)
             for name in cap.output_grads:
-                sq = rotated_grads(by_name[name], cap.inputs[name], cap.output_grads[name])
-                stats[f"{name}/corrections"] += sq.pow(2).sum(0, dtype=F64).to(device)
+                sq = squared_rotated_sum(by_name[name], cap.inputs[name], cap.output_grads[name])
+                stats[f"{name}/corrections"] += sq.to(device)
                 stats[f"{name}/corrections_count"] += n
     return stats
