@@ -154,6 +154,9 @@ class InfluenceEstimator(ParamsMixin):
             check_instance(self.scoring, ScoringConfig, "scoring")
             self.scoring.validate()
         warn_if_shuffled(train_loader, "train_loader")
+        for batch in iterate_batches(train_loader, "train_loader"):  # format errors now, not at scoring
+            task.num_examples(batch)
+            break
         _warn_if_stochastic(model)
         layout = select_parameters(model, self.params)
         check_same_model(parameter_fingerprint(model, layout))  # under torch.distributed
@@ -166,10 +169,23 @@ class InfluenceEstimator(ParamsMixin):
             self.curvature_ = clone(curvature).fit(model, task, train_loader, layout)
         self.model_ = model
         self.train_loader_ = train_loader
-        self.num_train_ = sum(task.num_examples(b) for b in iterate_batches(train_loader, "train_loader"))
+        self._num_train = None  # counted on first use of num_train_ (no extra loader pass in fit)
         self.fingerprint_ = parameter_fingerprint(model, layout)
         self.gradients_ = GradientComputer(model, task, layout, self.gradient_method, self.chunk_size)
         return self
+
+    @property
+    def num_train_(self) -> int:
+        """Number of training examples; counted over ``train_loader`` on first access only."""
+        check_is_fitted(self, "curvature_", "num_train_")
+        if getattr(self, "_num_train", None) is None:
+            loader = iterate_batches(self.train_loader_, "train_loader")
+            self._num_train = sum(self.task_.num_examples(b) for b in loader)
+        return self._num_train
+
+    @num_train_.setter
+    def num_train_(self, value: int) -> None:
+        self._num_train = int(value)
 
     # ----------------------------------------------------------------------------- gradients
     def _check_model(self, method: str) -> None:

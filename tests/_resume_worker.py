@@ -19,7 +19,8 @@ from influence import ClassificationTask, Exact, Identity, InfluenceEstimator  #
 
 class KillAfter:
     """Yields the batches; on pass ``on_pass`` the process is killed when batch ``k`` is
-    requested (scoring to a file first counts the examples in one pass)."""
+    requested (fit first reads one batch to check its format; scoring to a file first counts
+    the examples in one pass)."""
 
     def __init__(self, items, k, on_pass=0):
         self.items, self.k, self.on_pass, self.passes = items, k, on_pass, 0
@@ -53,7 +54,7 @@ if __name__ == "__main__":
     mode, directory, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
     model, train, test = problem()
     if mode == "fit":
-        fit_estimator().fit(model, KillAfter(train, k), checkpoint_dir=directory, checkpoint_every=2)
+        fit_estimator().fit(model, KillAfter(train, k, on_pass=1), checkpoint_dir=directory, checkpoint_every=2)
     else:
         est = score_estimator(model, train)
         est.pairwise_scores(test, KillAfter(train, k, on_pass=1), out=os.path.join(directory, "scores.npy"), checkpoint_every=2)

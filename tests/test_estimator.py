@@ -205,3 +205,26 @@ def test_dropout_in_training_mode_warns():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5)).double()
     with pytest.warns(UserWarning, match=r"Dropout is active.*model.eval\(\)"):
         InfluenceEstimator().fit(model, [zoo.classification_data()])
+
+
+def test_fit_makes_no_extra_pass_and_num_train_is_counted_once():
+    """Identity's fit reads only the first batch (to check its format): no counting pass over
+    the loader; num_train_ counts it on first access only (one pass) and is the example count."""
+    x, y = zoo.classification_data(n=7)
+
+    class Counting:
+        def __init__(self, batches):
+            self.batches, self.read = batches, 0
+
+        def __iter__(self):
+            for b in self.batches:
+                self.read += 1
+                yield b
+
+    loader = Counting(zoo.batches(x, y, 3))
+    est = InfluenceEstimator(Identity()).fit(zoo.mlp(), loader)
+    assert loader.read == 1
+    assert est.num_train_ == 7 and est.num_train_ == 7
+    assert loader.read == 1 + 3
+    with pytest.raises(influence.NotFittedError):
+        InfluenceEstimator().num_train_
