@@ -1,10 +1,9 @@
 """The attribution methods of the demo, in a registry keyed by name.
 
 Each :class:`Method` either builds a :class:`~influence.curvature.Curvature` (influence
-functions; scores are ``∇m(test)ᵀ (C + λI)⁻¹ ∇ℓ(train)`` on the LoRA parameters) or is a
-representation-similarity baseline. A method is *available* when the library class it needs
-exists in :mod:`influence` (other curvatures plug in as they land); otherwise the demo reports
-it as unavailable with the reason.
+functions; scores are ``∇m(test)ᵀ (C + λI)⁻¹ ∇ℓ(train)`` on the LoRA parameters) or is the
+representation-similarity baseline. Every curvature gets the demo's damping and, where it has
+one, the demo's ``curvature_type`` (K-FAC/EK-FAC use their own Fisher).
 
 =============== ===================================================================
 ``identity``    gradient match: ``C = I`` (the study's "Gradient Match")
@@ -21,14 +20,13 @@ it as unavailable with the reason.
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 import influence
-
+from influence.curvature._base import Curvature
 
 
 @dataclass(frozen=True)
@@ -37,72 +35,40 @@ class Method:
 
     Attributes:
         name: registry key.
-        classes: names in :mod:`influence` of the class to build (the first that exists).
-        kwargs: extra constructor keywords (passed when the constructor accepts them).
-        required: keyword groups of which the constructor must accept at least one per group
-            (e.g. an iteration count for the study's 3-step LiSSA).
-        kind: ``"curvature"`` or ``"repsim"``.
+        make: ``(damping, curvature_type) -> Curvature``; ``None`` for RepSim.
+        description: one line for the report.
     """
 
     name: str
-    classes: tuple[str, ...]
-    kwargs: dict = field(default_factory=dict)
-    required: tuple[tuple[str, ...], ...] = ()
-    kind: str = "curvature"
+    make: Callable[[float, str], Curvature] | None
     description: str = ""
 
-    def library_class(self):
-        return next((getattr(influence, c) for c in self.classes if hasattr(influence, c)), None)
+    @property
+    def kind(self) -> str:
+        return "repsim" if self.make is None else "curvature"
 
-    def unavailable_reason(self) -> str | None:
-        """``None`` when the method can run; otherwise why not."""
-        if self.kind == "repsim":
-            return None  # a local implementation backs it up
-        cls = self.library_class()
-        if cls is None:
-            return f"influence has no {' / '.join(self.classes)} on this branch"
-        accepted = _accepted(cls)
-        for group in self.required:
-            if accepted is not None and not accepted & set(group):
-                return f"{cls.__name__} accepts none of {group}"
-        return None
+    def build(self, damping: float, curvature_type: str) -> Curvature:
+        """The curvature instance with the demo's damping and curvature type."""
+        if self.make is None:
+            raise ValueError(f"{self.name!r} is not a curvature method.")
+        return self.make(damping, curvature_type)
 
-    def build(self, damping: float, curvature_type: str) -> Any:
-        """The curvature instance, with the demo's damping and curvature type when accepted."""
-        cls = self.library_class()
-        wanted = {"damping": damping, "curvature_type": curvature_type, **self.kwargs}
-        accepted = _accepted(cls)
-        kwargs = wanted if accepted is None else {k: v for k, v in wanted.items() if k in accepted}
-        return cls(**kwargs)
-
-
-def _accepted(cls) -> set[str] | None:
-    """Keyword names the constructor accepts (``None``: it takes ``**kwargs``)."""
-    params = inspect.signature(cls).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params}
-
-
-ITERATIONS = ("depth", "max_iter", "num_iterations", "iterations")
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("identity", ("Identity",), description="gradient match"),
-        Method("exact", ("Exact",), {"max_params": 20_000}, description="dense inverse"),
-        Method("datainf", ("DataInf",), description="DataInf"),
-        Method("lissa", ("LiSSA",), {"depth": 200, "scale": "auto"},
-               description="LiSSA, 200 steps, safe automatic scale"),
-        Method("lissa_paper", ("LiSSA",),
-               {"variant": "paper", "damping": "datainf", **{k: 3 for k in ITERATIONS}}, (ITERATIONS,),
-               description="LiSSA as in the study's code: 3 iterations, per-layer damping rule"),
-        Method("cg", ("CG", "ConjugateGradient"), description="conjugate gradient"),
-        Method("arnoldi", ("Arnoldi",), description="Arnoldi"),
-        Method("kfac", ("KFAC",), description="K-FAC"),
-        Method("ekfac", ("EKFAC",), description="EK-FAC"),
-        Method("repsim", ("RepresentationSimilarity",), kind="repsim",
-               description="RepSim (cosine, last prompt token)"),
+        Method("identity", lambda d, ct: influence.Identity(damping=d), "gradient match"),
+        Method("exact", lambda d, ct: influence.Exact(d, ct, max_params=20_000), "dense inverse"),
+        Method("datainf", lambda d, ct: influence.DataInf(d, curvature_type=ct), "DataInf"),
+        Method("lissa", lambda d, ct: influence.LiSSA(d, ct, depth=200, scale="auto"),
+               "LiSSA, 200 steps, safe automatic scale"),
+        Method("lissa_paper", lambda d, ct: influence.LiSSA("datainf", ct, depth=3, variant="paper"),
+               "LiSSA as in the study's code: 3 iterations, per-layer damping rule"),
+        Method("cg", lambda d, ct: influence.CG(d, ct), "conjugate gradient"),
+        Method("arnoldi", lambda d, ct: influence.Arnoldi(d, curvature_type=ct), "Arnoldi"),
+        Method("kfac", lambda d, ct: influence.KFAC(d), "K-FAC"),
+        Method("ekfac", lambda d, ct: influence.EKFAC(d), "EK-FAC"),
+        Method("repsim", None, "RepSim (cosine, last prompt token)"),
     )
 }
 """Every method the demo knows, by name (registration order = report order)."""

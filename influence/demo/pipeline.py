@@ -175,10 +175,6 @@ def evaluate(attribution: Attribution, names: Sequence[str], log: Callable[[str]
     test_y = [ex.label for ex in data.test]
     results = {}
     for name in names:
-        reason = METHODS[name].unavailable_reason()
-        if reason is not None:
-            results[name] = {"status": "unavailable", "reason": reason}
-            continue
         start = time.perf_counter()
         try:
             scores, info = attribution.scores(name)

@@ -21,7 +21,7 @@ def _cell(entry: dict | None, key: str) -> str:
     if entry is None:
         return ""
     if entry.get("status") != "ok":
-        return "n/a" if entry.get("status") == "unavailable" else "fail"
+        return "fail"
     return _fmt(entry.get(key))
 
 
@@ -79,7 +79,7 @@ def sweep_table(results: dict) -> list[list[str]]:
     return rows
 
 
-def unavailable(results: dict) -> dict[str, str]:
+def not_run(results: dict) -> dict[str, str]:
     out = {}
     for t in results["tasks"]:
         for m, e in t["methods"].items():
@@ -102,7 +102,7 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 
 def summary(results: dict) -> str:
-    """The terminal summary: the three metric tables, iHVP errors, unavailable methods."""
+    """The terminal summary: the three metric tables, iHVP errors, methods that failed."""
     parts = []
     for key, title in (("acc", "Acc (top-1 has the query's class)"),
                        ("cover", "Cover (same-class fraction of top k, k = class size)"),
@@ -110,7 +110,7 @@ def summary(results: dict) -> str:
         parts += [title, text_table(results_table(results, key)), ""]
     if ihvp_table(results):
         parts += ["iHVP error against exact (relative error / cosine)", text_table(ihvp_table(results)), ""]
-    for m, why in unavailable(results).items():
+    for m, why in not_run(results).items():
         parts.append(f"{m}: {why}")
     parts.append(f"total {results['seconds']:.0f} s")
     return "\n".join(parts)
@@ -136,7 +136,7 @@ def write_report(results: dict, out: str | Path) -> Path:
                f"The main tables use ratio {results['config']['damping_ratio']:g} "
                "(λ = ratio · mean ‖∇ℓ‖² / P).", "", markdown_table(sweep_table(results)), ""]
     md += ["## Attribution quality vs fine-tuning epochs", "", markdown_table(epochs_table(results)), ""]
-    missing = unavailable(results)
+    missing = not_run(results)
     if missing:
         md += ["## Not run", ""] + [f"- `{m}`: {why}" for m, why in missing.items()] + [""]
     md += ["## Configuration", "", "```json", json.dumps(results["config"], indent=2, default=str), "```", ""]
