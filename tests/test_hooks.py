@@ -80,14 +80,16 @@ def test_batch_size_invariance():
     torch.testing.assert_close(whole, parts, rtol=1e-10, atol=1e-12)
 
 
-def test_reused_buffer_is_written():
-    model, task = zoo.mlp(), ClassificationTask()
-    x, y = zoo.classification_data(n=4)
+@pytest.mark.parametrize("name,model,task,batch", CASES, ids=[c[0] for c in CASES])
+def test_reused_buffer_is_written(name, model, task, batch):
+    """Every entry of a reused buffer is written (it starts as NaN; strided GEMM and embedding
+    scatter views) and equals torch.func."""
     comp = GradientComputer(model, task, select_parameters(model))
-    buf = torch.empty(4, comp.layout.num_params, dtype=torch.float64)
-    out = comp.flat((x, y), out=buf)
+    n = task.num_examples(batch)
+    buf = torch.full((n, comp.layout.num_params), float("nan"), dtype=torch.float64)
+    out = comp.flat(batch, out=buf)
     assert out.data_ptr() == buf.data_ptr()
-    torch.testing.assert_close(out, per_sample_grads(model, task, (x, y)))
+    torch.testing.assert_close(out, per_sample_grads(model, task, batch), rtol=1e-10, atol=1e-12)
 
 
 def test_errors():
@@ -171,6 +173,7 @@ def test_conv_geometries_grouped_and_patch_paths(kw, twice):
     assert (bg.layers["conv"].x is not None) is (not twice)  # raw input kept only when called once
     ref = per_sample_grads(model, task, batch)
     torch.testing.assert_close(bg.flat(), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bg.flat(out=torch.full_like(ref, float("nan"))), ref, rtol=1e-10, atol=1e-12)
     # the patches made on demand give the same gradients and ghost products
     torch.testing.assert_close(bg.dot(bg), ref @ ref.T, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(bg.sq_norms(), ref.pow(2).sum(1), rtol=1e-10, atol=1e-12)
