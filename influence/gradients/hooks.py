@@ -114,7 +114,9 @@ def _conv_weight_grads(f: LayerFactors, out: torch.Tensor | None) -> torch.Tenso
     Ho = (H + 2 * padding[0] - m.dilation[0] * (m.kernel_size[0] - 1) - 1) // m.stride[0] + 1
     Wo = g.shape[1] // Ho
     grad_out = g.transpose(1, 2).reshape(1, B * C_out, Ho, Wo)
-    weight_shape = m.weight.new_empty(()).expand(B * C_out, C, *m.kernel_size)  # shape only
+    # only the weight's shape is read (no input gradient is asked for); a real, uninitialised
+    # tensor rather than an expanded one, so that no backend can object to its strides
+    weight_shape = m.weight.new_empty(B * C_out, C, *m.kernel_size)
     res = torch.ops.aten.convolution_backward(
         grad_out, x.reshape(1, B * C, H, W), weight_shape, None, list(m.stride), list(padding),
         list(m.dilation), False, [0, 0], B, [False, True, False],
