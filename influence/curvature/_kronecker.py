@@ -219,6 +219,11 @@ def kronecker_blocks(
     return blocks
 
 
+def _rotated_factors(block: KroneckerBlock, a: torch.Tensor, s: torch.Tensor):
+    """``Q_Sᵀ s_t`` and ``Q_Aᵀ a_t`` token by token (Linear/Conv/Conv1D; ``a`` with bias column)."""
+    return s @ block.Q_S.to(s), homogeneous(block.info, a) @ block.Q_A.to(s)
+
+
 def rotated_grads(block: KroneckerBlock, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Per-example gradients in the eigenbasis, ``Q_Sᵀ G_i Q_A`` ``(B, d_out, d_in')``.
 
@@ -226,14 +231,14 @@ def rotated_grads(block: KroneckerBlock, a: torch.Tensor, s: torch.Tensor) -> to
     flat per-example gradient.
     """
     info = block.info
-    s = s @ block.Q_S.to(s)
     if info.kind == "embedding":  # scatter token rows: no (B, T, vocab) one-hot
+        s = s @ block.Q_S.to(s)
         B, T, d = s.shape
         out = s.new_zeros(B, info.d_in, d).scatter_add_(1, a[..., None].expand(B, T, d), s)
         if info.module.padding_idx is not None:
             out[:, info.module.padding_idx] = 0
         return out.transpose(1, 2)
-    a = homogeneous(info, a) @ block.Q_A.to(s)
+    s, a = _rotated_factors(block, a, s)
     return torch.bmm(s.transpose(1, 2), a)
 
 
@@ -245,10 +250,8 @@ def squared_rotated_sum(block: KroneckerBlock, a: torch.Tensor, s: torch.Tensor)
     batch is one GEMM of the squared rotated factors, and no per-example gradient is formed.
     Otherwise the rotated per-example gradients are formed (:func:`rotated_grads`).
     """
-    info = block.info
-    if s.shape[1] == 1 and info.kind != "embedding":
-        s1 = s[:, 0] @ block.Q_S.to(s)
-        a1 = homogeneous(info, a[:, 0]) @ block.Q_A.to(s)
+    if s.shape[1] == 1 and block.info.kind != "embedding":
+        s1, a1 = _rotated_factors(block, a[:, 0], s[:, 0])
         return (s1.pow(2).T @ a1.pow(2)).to(F64)
     return rotated_grads(block, a, s).pow(2).sum(0, dtype=F64)
 

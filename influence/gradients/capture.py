@@ -146,10 +146,6 @@ def supported_layers(
 
 def tokens_in(info: LayerInfo, x: torch.Tensor) -> torch.Tensor:
     """A layer's input as ``(B, T, d_in)`` tokens (Conv2d: patches; Embedding: ``(B, T)`` ids)."""
-    return _tokens_in(info, x)
-
-
-def _tokens_in(info: LayerInfo, x: torch.Tensor) -> torch.Tensor:
     m = info.module
     if info.kind in ("linear", "conv1d"):
         return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -251,7 +247,7 @@ class LayerCapture:
                 )
             if self.need_inputs:
                 raw = self.raw_conv_inputs and info.kind == "conv2d"
-                self._inputs[name].append(x if raw else _tokens_in(info, x))
+                self._inputs[name].append(x if raw else tokens_in(info, x))
             self._outputs[name].append(output)
             return output
 
@@ -284,7 +280,7 @@ class LayerCapture:
                     if len(parts_in) == 1:
                         self.raw_inputs[name] = parts_in[0]
                         continue
-                    parts_in = [_tokens_in(info, x) for x in parts_in]
+                    parts_in = [tokens_in(info, x) for x in parts_in]
                 self.inputs[name] = torch.cat(parts_in, dim=1) if len(parts_in) > 1 else parts_in[0]
 
 
