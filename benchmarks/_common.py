@@ -50,6 +50,17 @@ def lm_batch(n, T, vocab, seed=0):
     return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
 
 
+def to(batch, device):
+    """A batch (tuple/list of tensors or dict of tensors), or a list of batches, on ``device``."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [to(b, device) for b in batch]
+    if isinstance(batch, tuple):
+        return tuple(t.to(device) for t in batch)
+    return batch.to(device)
+
+
 def side_by_side(fns: dict, repeats: int, warmup: int = 1) -> dict:
     """Runs the functions round-robin (so machine noise hits all alike); median seconds each."""
     for _ in range(warmup):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from _common import CNN, RESULTS, environment, lm, lm_batch, mlp, side_by_side, write
+from _common import CNN, RESULTS, environment, lm, lm_batch, mlp, side_by_side, to, write
 from influence import ClassificationTask, LanguageModelingTask, select_parameters
 from influence.gradients.functional import per_sample_grads
 from influence.gradients.hooks import GradientComputer
@@ -28,12 +28,6 @@ def cases(smoke: bool, device):
     yield "cnn", CNN(32, 64, 10), ClassificationTask(), (torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))), 32 * 32
     yield "lm", lm(), LanguageModelingTask(), lm_batch(8, 64, 2048), 64
     yield "lm B=32", lm(), LanguageModelingTask(), lm_batch(32, 64, 2048), 64  # vmap's cost grows faster with B
-
-
-def to(batch, device):
-    if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
-    return tuple(t.to(device) for t in batch)
 
 
 def run(smoke: bool, out_dir: Path, device: str = "cpu", dtype=torch.float32) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import RESULTS, environment, lm, lm_batch, mlp, write
+from _common import RESULTS, environment, lm, lm_batch, mlp, to, write
 from influence import ClassificationTask, InfluenceEstimator, LanguageModelingTask
 from influence.curvature import EKFAC, Identity
 from influence.scoring import ScoringConfig
@@ -49,17 +49,26 @@ def make_case(name, smoke, lm_train=2_000):
 
 
 def pearson(a, b) -> float:
-    return float(torch.corrcoef(torch.stack([a.detach().flatten().double(), b.detach().flatten().double()]))[0, 1])
+    return float(torch.corrcoef(torch.stack([a.detach().flatten().double().cpu(), b.detach().flatten().double().cpu()]))[0, 1])
+
+
+def sync(x: torch.Tensor) -> None:
+    """Waits for queued CUDA work, so that a timer read after it counts that work."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
 
 
 def ours(model, task, params, train, test, curvature, **kw):
     t = time.perf_counter()
     est = InfluenceEstimator(curvature, task, params, **kw).fit(model, train)
     s = est.pairwise_scores(test)
+    sync(s)
     return time.perf_counter() - t, s, est.plan_
 
 
 def kronfluence_scores(model, task_name, train, test, strategy, damping):
+    """kronfluence's end-to-end seconds and scores; its loaders get CPU rows and it moves each
+    batch to the model's device itself (``cpu=False`` when the model is on CUDA)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -106,6 +115,7 @@ def kronfluence_scores(model, task_name, train, test, strategy, damping):
         def __getitem__(self, i):
             return self.items[i]
 
+    on_cuda = next(model.parameters()).is_cuda
     ktask = Cls() if task_name == "mlp" else LM()
     train_ds, test_ds = Rows(train), Rows(test)
     bs = len(train[0][1]) if task_name == "mlp" else train[0]["input_ids"].shape[0]
@@ -114,24 +124,32 @@ def kronfluence_scores(model, task_name, train, test, strategy, damping):
         # prepare_model wraps the Linear layers in place (TrackedLinear): give it a copy, or every
         # later row of ours would see unsupported modules and fall back
         kmodel = prepare_model(copy.deepcopy(model), ktask)
-        an = Analyzer("bench", kmodel, ktask, cpu=True, disable_tqdm=True, output_dir=tmp)
+        an = Analyzer("bench", kmodel, ktask, cpu=not on_cuda, disable_tqdm=True, output_dir=tmp)
         an.fit_all_factors("f", train_ds, per_device_batch_size=bs, factor_args=FactorArguments(strategy=strategy), overwrite_output_dir=True)
         an.compute_pairwise_scores("s", "f", test_ds, train_ds, per_device_query_batch_size=len(test_ds), per_device_train_batch_size=bs,
                                    score_args=ScoreArguments(damping_factor=damping), overwrite_output_dir=True)
         scores = an.load_pairwise_scores("s")["all_modules"]
+        sync(scores)
     return time.perf_counter() - t, scores.detach()
 
 
 def run(smoke: bool, out_dir: Path, names=("mlp", "lm"), kron: bool = True, device: str = "cpu", lm_train: int = 2_000, tag: str = "", skip: tuple = ()) -> dict:
-    rows, raw = [], {"environment": environment(), "smoke": smoke, "device": device, "cases": {}}
+    rows, raw = [], {"environment": environment(), "smoke": smoke, "device": device, "cases": {}, "sizes": {n: {"lm_train": lm_train} for n in names}}
+    notes = ("Target: ours faster than kronfluence on every row (same damping), Pearson >= 0.99 vs our exact-materialised path. "
+             "pearson_vs_exact compares with our exact-materialised path of the same curvature (kronfluence's EK-FAC samples its "
+             "own true-Fisher targets, so it is not 1). Seconds are end to end: fit + pairwise scores. LM rows attribute the "
+             "Linear layers only.")
+
+    def save():  # after every row, so that a run stopped at its time limit keeps what it finished
+        write("bench_scoring" + tag + ("_smoke" if smoke else "") + ("" if device == "cpu" else "_" + device), raw, rows, out_dir, notes)
+
     so_name, so = "ekfac", lambda: EKFAC(damping=1e-3)
     for name in names:
         model, task, params, train, test = make_case(name, smoke, lm_train)
         model = model.to(device).eval()
+        cpu_train, cpu_test = train, test  # kronfluence's loaders take CPU rows
+        train, test = to(train, device), to(test, device)
         ours(model, task, params, train[:2], test, Identity())  # warm-up (allocator, kernels)
-        if device != "cpu":
-            train = [tuple(t.to(device) for t in b) if not isinstance(b, dict) else {k: v.to(device) for k, v in b.items()} for b in train]
-            test = [tuple(t.to(device) for t in b) if not isinstance(b, dict) else {k: v.to(device) for k, v in b.items()} for b in test]
         case = raw["cases"][name] = {}
 
         def add(curv, label, seconds, s, ref, plan=None):
@@ -141,6 +159,7 @@ def run(smoke: bool, out_dir: Path, names=("mlp", "lm"), kron: bool = True, devi
             rows.append(r)
             case[f"{curv}/{label}"] = {**r, "plan": plan}
             print(r, flush=True)
+            save()
 
         # identity: the exact-materialised reference first, then the default (cost-model) path
         t_ref, ref, _ = ours(model, task, params, train, test, Identity(), scoring=ScoringConfig(strategy="materialise"))
@@ -158,7 +177,7 @@ def run(smoke: bool, out_dir: Path, names=("mlp", "lm"), kron: bool = True, devi
             add("identity", "torch.func materialised (previous path)", t, s, ref)
         if kron:
             try:
-                t, s = kronfluence_scores(model, name, train, test, "identity", None)
+                t, s = kronfluence_scores(model, name, cpu_train, cpu_test, "identity", None)
                 add("identity", "kronfluence 1.0.1", t, s, ref)
             except Exception as e:  # not importable or failed: say so
                 case["kronfluence_identity_error"] = f"{type(e).__name__}: {e}"
@@ -176,17 +195,12 @@ def run(smoke: bool, out_dir: Path, names=("mlp", "lm"), kron: bool = True, devi
             add(so_name, "ours low-rank r=64 (factored forced)", t, s, ref2, {k: v["mode"] for k, v in plan["layers"].items()})
         if kron:
             try:
-                t, s = kronfluence_scores(model, name, train, test, "ekfac", 1e-3)
+                t, s = kronfluence_scores(model, name, cpu_train, cpu_test, "ekfac", 1e-3)
                 add("ekfac", "kronfluence 1.0.1 EK-FAC (damping 1e-3)", t, s, ref2)
             except Exception as e:
                 case["kronfluence_ekfac_error"] = f"{type(e).__name__}: {e}"
                 print("kronfluence ekfac:", case["kronfluence_ekfac_error"], flush=True)
-    notes = ("Target: ours faster than kronfluence on every row (same damping), Pearson >= 0.99 vs our exact-materialised path. "
-             "pearson_vs_exact compares with our exact-materialised path of the same curvature (kronfluence's EK-FAC samples its "
-             "own true-Fisher targets, so it is not 1). Seconds are end to end: fit + pairwise scores. LM rows attribute the "
-             "Linear layers only.")
-    raw["sizes"] = {n: {"lm_train": lm_train} for n in names}
-    write("bench_scoring" + tag + ("_smoke" if smoke else "") + ("" if device == "cpu" else "_" + device), raw, rows, out_dir, notes)
+    save()
     return raw
 
 

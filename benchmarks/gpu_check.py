@@ -1,14 +1,25 @@
 """One prepared script for a session that is lent a GPU: CPU/CUDA parity tests, then the
 benchmarks on CUDA; everything lands under benchmarks/results/ (commit it).
 
-    PYTHONPATH=.:benchmarks python benchmarks/gpu_check.py [--budget-s 480]
+    PYTHONPATH=.:benchmarks python benchmarks/gpu_check.py [--budget-s 450]
+    PYTHONPATH=.:benchmarks python benchmarks/gpu_check.py --device cpu --smoke   # dry run here
 
-Steps (each in its own subprocess, each time-boxed so that a slow step cannot eat the rest):
-1. ``pytest tests/test_gpu.py tests/test_hooks.py tests/test_scoring.py`` -> results/gpu_pytest.txt
-2. ``bench_grads.py --device cuda``                      -> results/bench_grads_cuda.{json,md}
-3. ``bench_scoring.py --device cuda`` (MLP 10k x 100, LM 2k x 50, kronfluence if importable)
-                                                          -> results/bench_scoring_cuda.{json,md}
-A summary of return codes and durations goes to results/gpu_check.json.
+Steps (each in its own subprocess, time-boxed to a share of the budget so that a slow step
+cannot eat the rest; each streams its output to a log as it goes, and the benchmarks write
+their tables after every row, so a step stopped at its limit keeps what it finished):
+
+1. ``pytest tests/test_gpu.py tests/test_hooks.py tests/test_scoring.py`` -> gpu_pytest.txt
+   (the CPU tests there also check the library against the device's own torch version)
+2. ``bench_grads.py --device cuda``     -> bench_grads_cuda.{json,md}
+3. ``bench_scoring.py --device cuda``   -> bench_scoring_cuda.{json,md} (MLP 10k x 100,
+   LM 2k x 50; kronfluence rows when it is importable)
+
+4. with ``--full-suite-s N``: the whole test suite, which checks the library against the
+   device's torch release (older than the one CI pins) -> gpu_pytest_full.txt
+
+A summary of return codes and durations goes to gpu_check.json. When ``$OUT`` is set (the
+device runner brings back only what is under it, at most 8 files) the new files are packed
+into ``$OUT/gpu_results.tar.gz`` and the summary and pytest log are also copied there.
 """
 
 from __future__ import annotations
@@ -18,48 +29,88 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+SHARES = {"pytest": 0.25, "bench_grads": 0.2, "bench_scoring": 0.55}
 
 
-def step(name, cmd, timeout, log):
+def step(name: str, cmd: list[str], timeout: float, log: str) -> dict:
+    """Runs ``cmd`` with its output streamed into ``RESULTS/log``; kills it after ``timeout`` s."""
     t = time.time()
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}")
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        rc, out = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, out = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else str(e.stdout or "")
-    (RESULTS / log).write_text(out)
-    print(f"{name}: rc={rc} in {time.time() - t:.0f}s", flush=True)
-    return {"step": name, "rc": rc, "seconds": round(time.time() - t, 1), "log": log}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]),
+               PYTHONUNBUFFERED="1")
+    with open(RESULTS / log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            rc = "timeout"
+    tail = (RESULTS / log).read_text(errors="replace").splitlines()[-8:]
+    print(f"{name}: rc={rc} in {time.time() - t:.0f}s (limit {timeout:.0f}s)\n  " + "\n  ".join(tail), flush=True)
+    return {"step": name, "rc": rc, "seconds": round(time.time() - t, 1), "limit_s": round(timeout), "log": log}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget-s", type=float, default=480)
+    ap.add_argument("--budget-s", type=float, default=450)
+    ap.add_argument("--device", default="cuda", help="'cpu' with --smoke: a dry run of the plumbing")
+    ap.add_argument("--smoke", action="store_true", help="tiny benchmark sizes")
+    ap.add_argument("--full-suite-s", type=float, default=0, help="then the whole test suite, with this limit (0: skip)")
     a = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     import torch
 
-    info = {"cuda": torch.cuda.is_available(), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "steps": []}
-    if not info["cuda"]:
+    start = time.time()
+    cuda = torch.cuda.is_available()
+    info = {"cuda": cuda, "device": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
+            "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "steps": []}
+    try:
+        import kronfluence
+
+        info["kronfluence"] = getattr(kronfluence, "__version__", "importable")
+    except Exception as e:  # the benchmark then reports the error in its rows
+        info["kronfluence"] = f"not importable: {type(e).__name__}: {e}"
+    print(json.dumps(info), flush=True)
+    if a.device == "cuda" and not cuda:
         print("No CUDA device: nothing to check.", flush=True)
     else:
-        py = sys.executable
-        b = a.budget_s
-        info["steps"].append(step("pytest", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py", "tests/test_hooks.py", "tests/test_scoring.py"], 0.3 * b, "gpu_pytest.txt"))
-        info["steps"].append(step("bench_grads", [py, "benchmarks/bench_grads.py", "--device", "cuda"], 0.25 * b, "gpu_bench_grads.txt"))
-        info["steps"].append(step("bench_scoring", [py, "benchmarks/bench_scoring.py", "--device", "cuda"], 0.45 * b, "gpu_bench_scoring.txt"))
+        py, b = sys.executable, a.budget_s
+        smoke = ["--smoke"] if a.smoke else []
+        tests = ["tests/test_gpu.py", "tests/test_hooks.py", "tests/test_scoring.py"]
+        info["steps"].append(step("pytest", [py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *tests], SHARES["pytest"] * b, "gpu_pytest.txt"))
+        info["steps"].append(step("bench_grads", [py, "benchmarks/bench_grads.py", "--device", a.device, *smoke], SHARES["bench_grads"] * b, "gpu_bench_grads.txt"))
+        left = b - (time.time() - start)  # what the earlier steps did not use goes to the scoring benchmark
+        info["steps"].append(step("bench_scoring", [py, "benchmarks/bench_scoring.py", "--device", a.device, *smoke], max(left, SHARES["bench_scoring"] * b), "gpu_bench_scoring.txt"))
+        if a.full_suite_s > 0:  # the whole CPU suite under the device's torch (an older release than CI's)
+            xdist = ["-n", "8"] if _importable("xdist") else []
+            info["steps"].append(step("pytest_full", [py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *xdist], a.full_suite_s, "gpu_pytest_full.txt"))
     (RESULTS / "gpu_check.json").write_text(json.dumps(info, indent=2))
-    if os.environ.get("OUT"):  # the device runner brings back only what is under $OUT
-        import shutil
+    if os.environ.get("OUT"):
+        pack(start, Path(os.environ["OUT"]))
 
-        shutil.copytree(RESULTS, Path(os.environ["OUT"]) / "results", dirs_exist_ok=True)
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def pack(since: float, out: Path) -> None:
+    """Every results file written since ``since`` into one tarball under ``out`` (plus two copies)."""
+    fresh = [p for p in sorted(RESULTS.iterdir()) if p.is_file() and p.stat().st_mtime >= since - 1]
+    with tarfile.open(out / "gpu_results.tar.gz", "w:gz") as tar:
+        for p in fresh:
+            tar.add(p, arcname=p.name)
+    for name in ("gpu_check.json", "gpu_pytest.txt", "gpu_pytest_full.txt"):
+        if (RESULTS / name).exists():
+            (out / name).write_bytes((RESULTS / name).read_bytes())
+    print("packed:", [p.name for p in fresh], flush=True)
 
 
 if __name__ == "__main__":
