@@ -99,8 +99,11 @@ def test_every_curvature_cpu_cuda_parity(name, model, task, loader, cls):
         return est.pairwise_scores(data[:1]), est.self_scores(data[:1])
 
     cpu, gpu = on_both(scores, model, loader)
+    # CG stops at a relative residual of 1e-6: CPU and CUDA roundings take it to different
+    # points of that ball (seen on the H200: 5e-6 relative on the LM)
+    tol = dict(rtol=1e-4, atol=1e-8) if cls.__name__ == "CG" else dict(rtol=1e-6, atol=1e-9)
     for c, g in zip(cpu, gpu):
-        torch.testing.assert_close(g, c, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(g, c, **tol)
 
 
 BASELINE_MAKERS = {

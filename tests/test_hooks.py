@@ -13,7 +13,27 @@ from influence.gradients.functional import per_sample_grads
 from influence.gradients.hooks import GradientComputer, fast_per_sample_grads, hook_layers
 
 
+class BagOfTokens(nn.Module):
+    """Embedding with ``padding_idx`` (its rows never get a gradient) -> mean -> Linear."""
+
+    def __init__(self, vocab=7, dim=3, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)).mean(1))
+
+
+def bag_of_tokens():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 7, (5, 6))
+    ids[:, -2:] = 0  # padding, and ids repeated within an example
+    return BagOfTokens().double(), ClassificationTask(), (ids, torch.randint(0, 3, (5,)))
+
+
 def cases():
+    yield "embedding_padding_idx", *bag_of_tokens()
     x, y = zoo.classification_data(n=7)
     yield "mlp", zoo.mlp(hidden=(6, 5)), ClassificationTask(), (x, y)
     yield "cnn", zoo.cnn(), ClassificationTask(), zoo.image_data(n=5)

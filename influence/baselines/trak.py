@@ -145,7 +145,7 @@ class TRAK(GradientBaseline):
         self.inverses_ = []
         for m in range(len(self.models_)):
             Phi = torch.cat([feats[m] for feats in batches]).double()
-            K = Phi.T @ Phi / Phi.shape[0] + lam * torch.eye(k, dtype=torch.float64)
+            K = Phi.T @ Phi / Phi.shape[0] + lam * torch.eye(k, dtype=torch.float64, device=Phi.device)
             L, info = torch.linalg.cholesky_ex(K)
             if int(info) != 0:
                 raise CurvatureError(

@@ -134,18 +134,13 @@ def weight_grads(f: LayerFactors, out: torch.Tensor | None = None) -> torch.Tens
     if info.kind == "embedding":
         V, D = info.module.num_embeddings, info.d_out
         out = torch.zeros(B, V, D, dtype=g.dtype, device=g.device) if out is None else out.zero_()
-        rows = (a + V * torch.arange(B, device=a.device)[:, None]).reshape(-1)
-        gg = g.reshape(-1, D)
+        # one accumulating scatter into (example, id) rows: works on a strided view of a (B, P)
+        # buffer too, with no per-example loop and no boolean indexing (a host sync on CUDA);
+        # padding tokens are zeroed rather than dropped, for the same reason
         if info.module.padding_idx is not None:
-            keep = a.reshape(-1) != info.module.padding_idx
-            rows, gg = rows[keep], gg[keep]
-        if out.is_contiguous():
-            out.view(B * V, D).index_add_(0, rows, gg)
-        else:  # a strided view of a (B, P) buffer: each example's (V, D) block is contiguous
-            examples = rows.div(V, rounding_mode="floor")
-            for b in range(B):
-                sel = examples == b
-                out[b].index_add_(0, rows[sel] - b * V, gg[sel])
+            g = g * (a != info.module.padding_idx).unsqueeze(-1).to(g.dtype)
+        examples = torch.arange(B, device=a.device).repeat_interleave(T)
+        out.index_put_((examples, a.reshape(-1)), g.reshape(-1, D), accumulate=True)
         return out
     if info.kind == "layernorm":
         res = (g * a).sum(1)
