@@ -35,8 +35,17 @@ from .tasks import ClassificationTask, Task
 
 
 def check_finite(G: torch.Tensor, offset: int, what: str) -> None:
-    """Raises :class:`NonFiniteGradientError` naming the examples with NaN/inf gradients."""
-    bad = ~torch.isfinite(G).all(dim=1)
+    """Raises :class:`NonFiniteGradientError` naming the examples (rows of ``G``, any shape
+    ``(n, ...)``) with NaN/inf gradients.
+
+    A NaN or inf entry always makes its row's sum non-finite, so one summing pass (no ``(n, P)``
+    mask) clears the usual all-finite case; only a row whose sum is not finite (which a finite
+    row can also reach, by overflowing) is checked entry by entry.
+    """
+    dims = tuple(range(1, G.dim()))
+    if bool(torch.isfinite(G.sum(dim=dims) if dims else G).all()):
+        return
+    bad = ~torch.isfinite(G).flatten(1).all(dim=1) if dims else ~torch.isfinite(G)
     if bool(bad.any()):
         idx = (torch.nonzero(bad).flatten() + offset).tolist()
         shown = idx[:20] + (["..."] if len(idx) > 20 else [])

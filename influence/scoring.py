@@ -219,7 +219,7 @@ class Scorer:
 
     def _layer_weights(self, name, f: LayerFactors, pre) -> torch.Tensor:
         if pre is None:
-            return weight_grads(f) / self.lam
+            return weight_grads(f).div_(self.lam)  # a fresh tensor: scaled in place
         n = f.g.shape[0]
         return pre[:, self.computer.slices[f.info.weight]].reshape(n, *self.computer.wshape[name])
 
@@ -434,7 +434,7 @@ def _check_finite_block(block, offset) -> None:
     for e in block.values():
         for t in e.values():
             if t.is_floating_point():
-                check_finite(t.reshape(t.shape[0], -1), offset, "test")
+                check_finite(t, offset, "test")
 
 
 def _check_finite_scores(s: torch.Tensor, offset: int) -> None:

@@ -165,6 +165,21 @@ def test_nan_gradients_name_the_examples(fitted):
         InfluenceEstimator(Exact(curvature_type="fisher")).fit(est.model_, zoo.batches(x, y, 3)).self_scores()
 
 
+def test_check_finite_rows_any_shape_and_overflowing_sums():
+    from influence.estimator import check_finite
+
+    big = torch.full((3, 2, 4), 3e38)  # finite entries whose row sums overflow to inf
+    check_finite(big, 0, "train")
+    check_finite(torch.zeros(5), 0, "train")  # 1-D: one value per example
+    bad = big.clone()
+    bad[1, 0, 0], bad[1, 1, 3] = float("inf"), float("-inf")  # row sum is NaN
+    bad[2, 1, 2] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match=r"2 test example\(s\) at indices \[11, 12\]"):
+        check_finite(bad, 10, "test")
+    with pytest.raises(NonFiniteGradientError, match=r"indices \[3\]"):
+        check_finite(torch.tensor([0.0, 1.0, float("inf")]), 1, "train")
+
+
 def test_no_trainable_parameters():
     model = zoo.mlp()
     model.requires_grad_(False)
