@@ -18,7 +18,7 @@ their tables after every row, so a step stopped at its limit keeps what it finis
    device's torch release (older than the one CI pins) -> gpu_pytest_full.txt
 
 On one H200 (2026-11-28) the steps took 45 s, 14 s and 74 s, and the whole suite with
-``-n 8`` and ``OMP_NUM_THREADS=2`` 63 s (give it 16 threads per worker and it crawls). The device
+``-n 8`` and ``OMP_NUM_THREADS=2`` 63 s (with 16 threads per worker it had done 35 % after 100 s). The device
 image has no kronfluence: carry it as wheels (``pip download --no-deps --only-binary=:all:
 --python-version 3.12 -d .whl kronfluence==1.0.1 einconv``, then on the device ``pip install
 --no-index --no-deps --target /tmp/site .whl/*.whl`` and ``PYTHONPATH=/tmp/site``).
