@@ -61,6 +61,18 @@ def to(batch, device):
     return batch.to(device)
 
 
+def synced(fn):
+    """``fn`` followed by a wait for queued CUDA work (timers then count the device's work)."""
+
+    def run():
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 def side_by_side(fns: dict, repeats: int, warmup: int = 1) -> dict:
     """Runs the functions round-robin (so machine noise hits all alike); median seconds each."""
     for _ in range(warmup):

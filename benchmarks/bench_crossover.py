@@ -11,7 +11,7 @@ This script measures ``κ`` as the median of ``speedup / cost ratio`` over the r
 crossover (cost ratio between 1/8 and 8) and reports, per configuration, the largest T at which
 ghost is predicted (with the library's κ) and measured to win.
 
-    PYTHONPATH=.:benchmarks python benchmarks/bench_crossover.py [--smoke]
+    PYTHONPATH=.:benchmarks python benchmarks/bench_crossover.py [--smoke] [--device cuda]
 """
 
 from __future__ import annotations
@@ -23,30 +23,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from _common import RESULTS, environment, side_by_side, write
+from _common import RESULTS, environment, side_by_side, synced, write
 from influence import Identity, RegressionTask, select_parameters
 from influence.gradients.hooks import GradientComputer
 from influence.scoring import GHOST_EFFICIENCY, Scorer, ScoringConfig
 
 
-def measure(d: int, q: int, B: int, Ts, repeats: int) -> list[dict]:
+def measure(d: int, q: int, B: int, Ts, repeats: int, device: str = "cpu") -> list[dict]:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(d, d, bias=False)).eval()
+    model = nn.Sequential(nn.Linear(d, d, bias=False)).to(device).eval()
     task = RegressionTask()
     layout = select_parameters(model)
     comp = GradientComputer(model, task, layout)
-    cur = Identity().fit(model, task, [(torch.randn(1, d), torch.randn(1, d))], layout)
+    cur = Identity().fit(model, task, [(torch.randn(1, d, device=device), torch.randn(1, d, device=device))], layout)
     rows = []
     for T in Ts:
-        test = (torch.randn(q, T, d), torch.randn(q, T, d))
-        train = (torch.randn(B, T, d), torch.randn(B, T, d))
+        test = (torch.randn(q, T, d, device=device), torch.randn(q, T, d, device=device))
+        train = (torch.randn(B, T, d, device=device), torch.randn(B, T, d, device=device))
         bg = comp.compute(train)
         fns, plans = {}, {}
         for mode in ("materialise", "factored"):
             sc = Scorer(comp, cur, ScoringConfig(strategy=mode))
             qs = next(sc.query_groups([test]))
             plans[mode] = sc.plan["layers"]["0"]
-            fns[mode] = lambda sc=sc, qs=qs: sc.score_batch(qs, bg)
+            fns[mode] = synced(lambda sc=sc, qs=qs: sc.score_batch(qs, bg))
         t = side_by_side(fns, repeats, warmup=2)
         plan = plans["factored"]
         ratio = plan["cost_materialise"] / plan["cost_factored"]
@@ -65,12 +65,12 @@ def largest_ghost_T(rows, key):
     return max(Ts) if Ts else None
 
 
-def run(smoke: bool, out_dir: Path, B: int = 32) -> dict:
+def run(smoke: bool, out_dir: Path, B: int = 32, device: str = "cpu") -> dict:
     configs = [(16, 4)] if smoke else [(128, 16), (256, 16), (256, 64), (1024, 16)]
     Ts = [1, 2, 4] if smoke else [1, 2, 4, 8, 16, 32, 64]
     rows, summary = [], []
     for d, q in configs:
-        part = measure(d, q, 4 if smoke else B, Ts, 1 if smoke else 5)
+        part = measure(d, q, 4 if smoke else B, Ts, 1 if smoke else 5, device)
         rows += part
         summary.append({"d": d, "q": q, "largest T ghost wins: uncalibrated model": largest_ghost_T(part, "predicted (uncalibrated)"),
                         f"calibrated model (κ={GHOST_EFFICIENCY})": largest_ghost_T(part, "predicted"),
@@ -79,14 +79,14 @@ def run(smoke: bool, out_dir: Path, B: int = 32) -> dict:
     kappa = statistics.median(near) if near else None
     agree = sum(r["predicted"] == r["measured"] for r in rows)
     agree_raw = sum(r["predicted (uncalibrated)"] == r["measured"] for r in rows)
-    payload = {"environment": environment(), "batch": B, "rows": rows, "summary": summary, "fitted_kappa": kappa,
+    payload = {"environment": environment(), "device": device, "batch": B, "rows": rows, "summary": summary, "fitted_kappa": kappa,
                "library_kappa": GHOST_EFFICIENCY, "choices_agreeing_with_measurement": {"calibrated": agree, "uncalibrated": agree_raw, "of": len(rows)}}
     notes = (f"Batches of {B}; identity queries with T tokens each; Linear d x d. Fitted κ (median speedup / cost ratio over rows with "
              f"cost ratio in [1/8, 8]) = {kappa if kappa is None else round(kappa, 2)}; the library uses κ = {GHOST_EFFICIENCY}. "
              f"Choices agreeing with the measured winner: calibrated {agree}/{len(rows)}, uncalibrated {agree_raw}/{len(rows)}.\n\n"
              "| d | q | largest T ghost wins: uncalibrated | calibrated | measured |\n|---|---|---|---|---|\n"
              + "\n".join(f"| {s['d']} | {s['q']} | {list(s.values())[2]} | {list(s.values())[3]} | {s['measured']} |" for s in summary))
-    write("bench_crossover" + ("_smoke" if smoke else ""), payload, rows, out_dir, notes)
+    write("bench_crossover" + ("_smoke" if smoke else "") + ("" if device == "cpu" else "_" + device), payload, rows, out_dir, notes)
     return payload
 
 
@@ -94,5 +94,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    run(a.smoke, a.out)
+    run(a.smoke, a.out, device=a.device)

@@ -3,6 +3,7 @@ benchmarks on CUDA; everything lands under benchmarks/results/ (commit it).
 
     PYTHONPATH=.:benchmarks python benchmarks/gpu_check.py [--budget-s 450]
     PYTHONPATH=.:benchmarks python benchmarks/gpu_check.py --device cpu --smoke   # dry run here
+                                               # (into a temporary folder, not results/)
 
 Steps (each in its own subprocess, time-boxed to a share of the budget so that a slow step
 cannot eat the rest; each streams its output to a log as it goes, and the benchmarks write
@@ -11,10 +12,12 @@ their tables after every row, so a step stopped at its limit keeps what it finis
 1. ``pytest tests/test_gpu.py tests/test_hooks.py tests/test_scoring.py`` -> gpu_pytest.txt
    (the CPU tests there also check the library against the device's own torch version)
 2. ``bench_grads.py --device cuda``     -> bench_grads_cuda.{json,md}
-3. ``bench_scoring.py --device cuda``   -> bench_scoring_cuda.{json,md} (MLP 10k x 100,
+3. ``bench_crossover.py --device cuda`` -> bench_crossover_cuda.{json,md} (the ghost /
+   materialise crossover: is the CPU-calibrated κ right on the GPU?)
+4. ``bench_scoring.py --device cuda``   -> bench_scoring_cuda.{json,md} (MLP 10k x 100,
    LM 2k x 50; kronfluence rows when it is importable)
 
-4. with ``--full-suite-s N``: the whole test suite, which checks the library against the
+5. with ``--full-suite-s N``: the whole test suite, which checks the library against the
    device's torch release (older than the one CI pins) -> gpu_pytest_full.txt
 
 On one H200 (2026-11-28) the steps took 45 s, 14 s and 74 s, and the whole suite with
@@ -36,20 +39,21 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SHARES = {"pytest": 0.25, "bench_grads": 0.2, "bench_scoring": 0.55}
+SHARES = {"pytest": 0.25, "bench_grads": 0.15, "bench_crossover": 0.15, "bench_scoring": 0.45}
 
 
-def step(name: str, cmd: list[str], timeout: float, log: str) -> dict:
-    """Runs ``cmd`` with its output streamed into ``RESULTS/log``; kills it after ``timeout`` s."""
+def step(name: str, cmd: list[str], timeout: float, log: str, results: Path) -> dict:
+    """Runs ``cmd`` with its output streamed into ``results/log``; kills it after ``timeout`` s."""
     t = time.time()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]),
                PYTHONUNBUFFERED="1")
-    with open(RESULTS / log, "w") as f:
+    with open(results / log, "w") as f:
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         try:
             rc = p.wait(timeout=timeout)
@@ -57,7 +61,7 @@ def step(name: str, cmd: list[str], timeout: float, log: str) -> dict:
             p.kill()
             p.wait()
             rc = "timeout"
-    tail = (RESULTS / log).read_text(errors="replace").splitlines()[-8:]
+    tail = (results / log).read_text(errors="replace").splitlines()[-8:]
     print(f"{name}: rc={rc} in {time.time() - t:.0f}s (limit {timeout:.0f}s)\n  " + "\n  ".join(tail), flush=True)
     return {"step": name, "rc": rc, "seconds": round(time.time() - t, 1), "limit_s": round(timeout), "log": log}
 
@@ -67,9 +71,13 @@ def main():
     ap.add_argument("--budget-s", type=float, default=450)
     ap.add_argument("--device", default="cuda", help="'cpu' with --smoke: a dry run of the plumbing")
     ap.add_argument("--smoke", action="store_true", help="tiny benchmark sizes")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results on CUDA, a temporary one for a CPU dry run)")
     ap.add_argument("--full-suite-s", type=float, default=0, help="then the whole test suite, with this limit (0: skip)")
     a = ap.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    # a CPU dry run must not overwrite the committed CUDA results
+    results = a.out or (RESULTS if a.device == "cuda" else Path(tempfile.mkdtemp(prefix="gpu_check_dry_")))
+    results.mkdir(parents=True, exist_ok=True)
+    print("results in", results, flush=True)
     import torch
 
     start = time.time()
@@ -89,16 +97,17 @@ def main():
         py, b = sys.executable, a.budget_s
         smoke = ["--smoke"] if a.smoke else []
         tests = ["tests/test_gpu.py", "tests/test_hooks.py", "tests/test_scoring.py"]
-        info["steps"].append(step("pytest", [py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *tests], SHARES["pytest"] * b, "gpu_pytest.txt"))
-        info["steps"].append(step("bench_grads", [py, "benchmarks/bench_grads.py", "--device", a.device, *smoke], SHARES["bench_grads"] * b, "gpu_bench_grads.txt"))
+        info["steps"].append(step("pytest", [py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *tests], SHARES["pytest"] * b, "gpu_pytest.txt", results))
+        info["steps"].append(step("bench_grads", [py, "benchmarks/bench_grads.py", "--device", a.device, "--out", str(results), *smoke], SHARES["bench_grads"] * b, "gpu_bench_grads.txt", results))
+        info["steps"].append(step("bench_crossover", [py, "benchmarks/bench_crossover.py", "--device", a.device, "--out", str(results), *smoke], SHARES["bench_crossover"] * b, "gpu_bench_crossover.txt", results))
         left = b - (time.time() - start)  # what the earlier steps did not use goes to the scoring benchmark
-        info["steps"].append(step("bench_scoring", [py, "benchmarks/bench_scoring.py", "--device", a.device, *smoke], max(left, SHARES["bench_scoring"] * b), "gpu_bench_scoring.txt"))
+        info["steps"].append(step("bench_scoring", [py, "benchmarks/bench_scoring.py", "--device", a.device, "--out", str(results), *smoke], max(left, SHARES["bench_scoring"] * b), "gpu_bench_scoring.txt", results))
         if a.full_suite_s > 0:  # the whole CPU suite under the device's torch (an older release than CI's)
             xdist = ["-n", "8"] if _importable("xdist") else []
-            info["steps"].append(step("pytest_full", [py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *xdist], a.full_suite_s, "gpu_pytest_full.txt"))
-    (RESULTS / "gpu_check.json").write_text(json.dumps(info, indent=2))
+            info["steps"].append(step("pytest_full", [py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *xdist], a.full_suite_s, "gpu_pytest_full.txt", results))
+    (results / "gpu_check.json").write_text(json.dumps(info, indent=2))
     if os.environ.get("OUT"):
-        pack(start, Path(os.environ["OUT"]))
+        pack(start, results, Path(os.environ["OUT"]))
 
 
 def _importable(module: str) -> bool:
@@ -107,15 +116,15 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def pack(since: float, out: Path) -> None:
+def pack(since: float, results: Path, out: Path) -> None:
     """Every results file written since ``since`` into one tarball under ``out`` (plus two copies)."""
-    fresh = [p for p in sorted(RESULTS.iterdir()) if p.is_file() and p.stat().st_mtime >= since - 1]
+    fresh = [p for p in sorted(results.iterdir()) if p.is_file() and p.stat().st_mtime >= since - 1]
     with tarfile.open(out / "gpu_results.tar.gz", "w:gz") as tar:
         for p in fresh:
             tar.add(p, arcname=p.name)
     for name in ("gpu_check.json", "gpu_pytest.txt", "gpu_pytest_full.txt"):
-        if (RESULTS / name).exists():
-            (out / name).write_bytes((RESULTS / name).read_bytes())
+        if (results / name).exists():
+            (out / name).write_bytes((results / name).read_bytes())
     print("packed:", [p.name for p in fresh], flush=True)
 
 
