@@ -61,13 +61,21 @@ def to(batch, device):
     return batch.to(device)
 
 
+def sync(device=None) -> None:
+    """Waits for queued CUDA work on ``device`` (a device, its name, or a tensor on it; default:
+    any CUDA device present), so that a timer read after it counts that work."""
+    if isinstance(device, torch.Tensor):
+        device = device.device
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
 def synced(fn):
-    """``fn`` followed by a wait for queued CUDA work (timers then count the device's work)."""
+    """``fn`` followed by :func:`sync`."""
 
     def run():
         out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         return out
 
     return run

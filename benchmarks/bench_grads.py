@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from _common import CNN, RESULTS, environment, lm, lm_batch, mlp, side_by_side, to, write
+from _common import CNN, RESULTS, environment, lm, lm_batch, mlp, side_by_side, sync, to, write
 from influence import ClassificationTask, LanguageModelingTask, select_parameters
 from influence.gradients.functional import per_sample_grads
 from influence.gradients.hooks import GradientComputer
@@ -44,30 +44,26 @@ def run(smoke: bool, out_dir: Path, device: str = "cpu", dtype=torch.float32) ->
         buf = torch.empty(B, layout.num_params, dtype=dtype, device=device)
         params = [p for p in model.parameters()]
 
-        def sync():
-            if device != "cpu":
-                torch.cuda.synchronize()
-
         def ours():
-            comp.flat(batch, out=buf); sync()
+            comp.flat(batch, out=buf); sync(device)
 
         def factors_only():
-            comp.compute(batch); sync()
+            comp.compute(batch); sync(device)
 
         def vmap():
-            per_sample_grads(model, task, batch, layout); sync()
+            per_sample_grads(model, task, batch, layout); sync(device)
 
         def loop():
             for i in range(B):
                 one = {k: v[i : i + 1] for k, v in batch.items()} if isinstance(batch, dict) else (batch[0][i : i + 1], batch[1][i : i + 1])
                 torch.autograd.grad(task.loss(model, one).sum(), params)
-            sync()
+            sync(device)
 
         def backward():
-            torch.autograd.grad(task.loss(model, batch).sum(), params); sync()
+            torch.autograd.grad(task.loss(model, batch).sum(), params); sync(device)
 
         def write_floor():  # writing the (B, P) output once: the memory floor of materialising
-            buf.fill_(0.0); sync()
+            buf.fill_(0.0); sync(device)
 
         ref = per_sample_grads(model, task, batch, layout)
         err = float((comp.flat(batch) - ref).abs().max() / ref.abs().max())

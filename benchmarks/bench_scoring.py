@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import RESULTS, environment, lm, lm_batch, mlp, to, write
+from _common import RESULTS, environment, lm, lm_batch, mlp, sync, to, write
 from influence import ClassificationTask, InfluenceEstimator, LanguageModelingTask
 from influence.curvature import EKFAC, Identity
 from influence.scoring import ScoringConfig
@@ -50,12 +50,6 @@ def make_case(name, smoke, lm_train=2_000):
 
 def pearson(a, b) -> float:
     return float(torch.corrcoef(torch.stack([a.detach().flatten().double().cpu(), b.detach().flatten().double().cpu()]))[0, 1])
-
-
-def sync(x: torch.Tensor) -> None:
-    """Waits for queued CUDA work, so that a timer read after it counts that work."""
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
 
 
 def ours(model, task, params, train, test, curvature, **kw):

@@ -20,17 +20,12 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from _common import RESULTS, to
+from _common import RESULTS, sync, to
 from bench_grads import cases as grad_cases
 from bench_scoring import make_case
 from influence import InfluenceEstimator, select_parameters
 from influence.curvature import EKFAC, Identity
 from influence.gradients.hooks import GradientComputer
-
-
-def sync(device):
-    if device != "cpu":
-        torch.cuda.synchronize()
 
 
 def profiled(label, fn, device, path, rows=18):
