@@ -126,3 +126,17 @@ def test_baselines_cpu_cuda_parity(name, model, task, loader, baseline):
     cpu, gpu = on_both(scores, model, loader)
     for c, g in zip(cpu, gpu):
         torch.testing.assert_close(g, c, rtol=1e-6, atol=1e-9)
+
+
+def test_true_fisher_sampling_on_cuda():
+    """True-Fisher targets drawn on the device with a device generator follow the softmax."""
+    from influence.tasks import sample_categorical
+
+    logits = torch.tensor([0.0, 1.0, -1.0, 2.0, float("-inf")], device="cuda")
+    draws = sample_categorical(logits.expand(200_000, 5), torch.Generator(device="cuda").manual_seed(0))
+    assert draws.is_cuda and int((draws == 4).sum()) == 0
+    freq = torch.bincount(draws, minlength=5).double().cpu() / draws.numel()
+    torch.testing.assert_close(freq, torch.softmax(logits.double().cpu(), -1), rtol=0, atol=5e-3)
+    model, task, loader = zoo.tiny_lm().cuda(), LanguageModelingTask(), to(zoo.dict_batches(zoo.lm_batch(n=4, labels=True), 2), "cuda")
+    est = InfluenceEstimator(influence.EKFAC(damping=0.1), task).fit(model, loader)  # true Fisher, sampled on CUDA
+    assert torch.isfinite(est.pairwise_scores(loader[:1])).all()
