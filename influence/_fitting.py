@@ -90,6 +90,7 @@ def fit_statistics(curvature, model: nn.Module, task, loader: Iterable[Any], lay
                     start, offset = offset, offset + task.num_examples(batch)
                     if i < done:
                         continue  # finished before the checkpoint
+                    curvature._begin_batch(p, i, rank)
                     s = curvature._batch_statistics(model, task, batch, layout, p)
                     for v in s.values():  # names the examples behind NaN/inf (shard-local indices)
                         check_finite_statistics(v, model, task, batch, layout, start)

@@ -50,10 +50,11 @@ def test_round_trip_gives_identical_scores(tmp_path, which, name):
     assert torch.equal(cur.solve(V), ref.solve(V))
 
 
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])  # true: sampled targets replay too
 @pytest.mark.parametrize("cls", [EKFAC, Diagonal])
-def test_interrupted_checkpointed_fit_resumes_identically(tmp_path, monkeypatch, cls):
+def test_interrupted_checkpointed_fit_resumes_identically(tmp_path, monkeypatch, cls, fisher_type):
     model, task, train = problem("lm")
-    make = lambda: InfluenceEstimator(cls(damping=0.1, fisher_type="empirical"), task, score_dtype=DT)  # noqa: E731
+    make = lambda: InfluenceEstimator(cls(damping=0.1, fisher_type=fisher_type), task, score_dtype=DT)  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)
         fresh = make().fit(model, train)

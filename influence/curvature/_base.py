@@ -166,6 +166,18 @@ class Curvature(ParamsMixin, ABC):
             "(_batch_statistics and _finalize)."
         )
 
+    def _begin_batch(self, pass_index: int, batch_index: int, rank: int) -> None:
+        """Called by the fit driver before each batch's statistics. A curvature that samples
+        during its fit (true-Fisher targets, from ``self._generator``) has its generator
+        reseeded from ``(seed, pass, rank, batch)``: a batch's draws then do not depend on the
+        batches before it, so a resumed fit draws exactly what the uninterrupted one drew, and
+        the ranks of a distributed fit draw independent streams."""
+        generator = getattr(self, "_generator", None)
+        if generator is not None:
+            from ._fisher import batch_seed
+
+            generator.manual_seed(batch_seed(self.seed, pass_index, rank, batch_index))
+
     def _finalize(self, statistics: dict[str, torch.Tensor], layout: ParameterLayout, pass_index: int) -> None:
         """Sets the fitted state from the statistics summed over all batches (and ranks)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement _finalize.")

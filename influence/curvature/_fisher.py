@@ -48,6 +48,16 @@ def make_generator(model: nn.Module, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+def batch_seed(seed: int, *keys: int) -> int:
+    """A seed in ``[0, 2⁶³)`` for one batch, a deterministic mix of ``seed`` and ``keys``
+    (pass, rank, batch index): the fit driver reseeds a sampling curvature's generator with it
+    before each batch (:meth:`Curvature._begin_batch`)."""
+    x = int(seed) % 2**63
+    for k in keys:
+        x = (x * 0x9E3779B97F4A7C15 + int(k) + 1) % 2**63  # golden-ratio multiplier: keys spread
+    return x
+
+
 def fisher_losses(
     model: nn.Module,
     task: Task,
