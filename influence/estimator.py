@@ -39,13 +39,14 @@ def check_finite(G: torch.Tensor, offset: int, what: str) -> None:
     ``(n, ...)``) with NaN/inf gradients.
 
     A NaN or inf entry always makes its row's sum non-finite, so one summing pass (no ``(n, P)``
-    mask) clears the usual all-finite case; only a row whose sum is not finite (which a finite
-    row can also reach, by overflowing) is checked entry by entry.
+    mask) clears the usual all-finite case; only when some sum is not finite (which a finite
+    row can also reach, by overflowing) are the entries checked one by one.
     """
-    dims = tuple(range(1, G.dim()))
-    if bool(torch.isfinite(G.sum(dim=dims) if dims else G).all()):
+    if G.dim() == 1:
+        G = G[:, None]
+    if bool(torch.isfinite(G.sum(dim=tuple(range(1, G.dim())))).all()):
         return
-    bad = ~torch.isfinite(G).flatten(1).all(dim=1) if dims else ~torch.isfinite(G)
+    bad = ~torch.isfinite(G).flatten(1).all(dim=1)
     if bool(bad.any()):
         idx = (torch.nonzero(bad).flatten() + offset).tolist()
         shown = idx[:20] + (["..."] if len(idx) > 20 else [])

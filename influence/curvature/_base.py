@@ -23,6 +23,7 @@ from .._params_base import ParamsMixin, check_is_fitted
 from ..exceptions import NonFiniteGradientError
 from ..params import ParameterLayout, ParamSpec, select_parameters
 from ..tasks import Task
+from ._fisher import batch_seed
 
 
 def check_damping(damping: Any, owner: str) -> float:
@@ -174,8 +175,6 @@ class Curvature(ParamsMixin, ABC):
         the ranks of a distributed fit draw independent streams."""
         generator = getattr(self, "_generator", None)
         if generator is not None:
-            from ._fisher import batch_seed
-
             generator.manual_seed(batch_seed(self.seed, pass_index, rank, batch_index))
 
     def _finalize(self, statistics: dict[str, torch.Tensor], layout: ParameterLayout, pass_index: int) -> None:
