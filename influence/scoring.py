@@ -241,8 +241,8 @@ class Scorer:
 
     def _project_query(self, name, f, W, idx) -> torch.Tensor:
         p_in, p_out = self._proj_mats(name, f, idx)
-        if f.info.kind == "embedding":
-            W = W.transpose(1, 2)  # (n, D, V): output side first
+        if f.info.kind == "embedding" or f.info.transposed:
+            W = W.transpose(1, 2)  # (n, d_out, d_in): output side first
         if p_out is not None:
             W = p_out @ W
         if p_in is not None:
@@ -267,7 +267,7 @@ class Scorer:
                 W = self._layer_weights(name, f, pre)
                 US, Vh = truncated_svd(W, self.plan["layers"][name]["rank"], cfg.seed + idx)
                 US = US.transpose(1, 2)
-                e["L"], e["R"] = (Vh, US) if info.kind == "embedding" else (US, Vh)
+                e["L"], e["R"] = (Vh, US) if info.kind == "embedding" or info.transposed else (US, Vh)
             elif mode == "projected":
                 e["w"] = self._project_query(name, f, self._layer_weights(name, f, pre), idx)
             else:

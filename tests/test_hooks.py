@@ -130,7 +130,10 @@ def test_errors():
         GradientComputer(m, ClassificationTask(), select_parameters(m), method="hooks")
 
 
-def test_non_batch_first_layer_falls_back():
+def test_layer_without_batch_axis_goes_to_func():
+    """The plan traces no batch axis for an embedding of (T,) positions: torch.func, with the
+    reason in the coverage; gradient_method='hooks' refuses, naming it."""
+
     class Shared(nn.Module):  # an embedding fed (T,) positions: not batch-first
         def __init__(self):
             super().__init__()
@@ -144,11 +147,13 @@ def test_non_batch_first_layer_falls_back():
     m = Shared().double()
     batch = (torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,)))
     comp = GradientComputer(m, ClassificationTask(), select_parameters(m))
-    with pytest.warns(match="hook path cannot run this model"):
-        got = comp.flat(batch)
+    got = comp.flat(batch)
     torch.testing.assert_close(got, per_sample_grads(m, ClassificationTask(), batch))
+    coverage = comp.coverage()
+    assert coverage["pos"]["path"] == "func" and "no single axis" in coverage["pos"]["reason"]
+    assert coverage["fc"]["path"] == "hooks" and coverage["fc"]["batch_axis"] == 0
     strict = GradientComputer(m, ClassificationTask(), select_parameters(m), method="hooks")
-    with pytest.raises(InfluenceError, match="first dimension is not the batch size"):
+    with pytest.raises(InfluenceError, match="hook path cannot compute 'pos': no single axis"):
         strict.flat(batch)
 
 

@@ -49,7 +49,19 @@ def lm_case():
     return model, LanguageModelingTask(), test, zoo.dict_batches(batch, 3)
 
 
-CASES = {"mlp": mlp_case, "cnn": cnn_case, "lm": lm_case}
+def gpt2_case():
+    """Stock GPT-2 (HF ``Conv1D`` weights stored (d_in, d_out); ``wte`` tied to ``lm_head``)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=13, n_positions=12, n_embd=8, n_layer=1, n_head=2,
+                                     bos_token_id=1, eos_token_id=1, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    batch = zoo.lm_batch(n=5, labels=True)
+    test = zoo.dict_batches(zoo.lm_batch(n=3, seed=5), 2)
+    return model, LanguageModelingTask(), test, zoo.dict_batches(batch, 3)
+
+
+CASES = {"mlp": mlp_case, "cnn": cnn_case, "lm": lm_case, "gpt2": gpt2_case}
 CURVATURES = {"identity": lambda: Identity(damping=0.5), "diag": lambda: DiagScale(damping=0.1)}
 STRATEGIES = ["auto", "materialise", "factored"]
 
@@ -135,13 +147,18 @@ def test_projection_seeded_and_preserves_inner_products(projection, k, min_corr)
         assert corr[0] < corr[1]
 
 
-def test_factored_projection_exact_when_k_covers_layers():
-    model, task, test, train = wide_case()
+@pytest.mark.parametrize("case", ["wide", "gpt2"])
+@pytest.mark.parametrize("curv", CURVATURES)
+def test_factored_projection_exact_when_k_covers_layers(case, curv):
+    """With k >= every layer's widths the projections are the identity: exact scores (GPT-2's
+    Conv1D weights, stored (d_in, d_out), are projected output side first like the others)."""
+    model, task, test, train = wide_case() if case == "wide" else gpt2_case()
     cfg = ScoringConfig(projection="factored", projection_dim=64)
-    est = InfluenceEstimator(Identity(), task, score_dtype=torch.float64, scoring=cfg).fit(model, train)
-    exact = InfluenceEstimator(Identity(), task, score_dtype=torch.float64).fit(model, train).pairwise_scores(test)
+    est = InfluenceEstimator(CURVATURES[curv](), task, score_dtype=torch.float64, scoring=cfg).fit(model, train)
+    exact = reference(model, task, est.curvature_, test, train)
     torch.testing.assert_close(est.pairwise_scores(test), exact, rtol=1e-9, atol=1e-11)
-    assert est.plan_["layers"]["0"]["mode"] == "projected"
+    modes = {e["kind"]: e["mode"] for e in est.plan_["layers"].values()}
+    assert modes["linear" if case == "wide" else "conv1d"] == "projected"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -168,7 +185,7 @@ def test_batch_size_invariance(case):
     model, task, test, train = CASES[case]()
     est = InfluenceEstimator(Identity(), task, score_dtype=torch.float64).fit(model, train)
     s1 = est.pairwise_scores(test)
-    merge = (lambda bs: [tuple(torch.cat(p) for p in zip(*bs))]) if case != "lm" else (lambda bs: [{k: torch.cat([b[k] for b in bs]) for k in bs[0]}])
+    merge = (lambda bs: [tuple(torch.cat(p) for p in zip(*bs))]) if case not in ("lm", "gpt2") else (lambda bs: [{k: torch.cat([b[k] for b in bs]) for k in bs[0]}])
     s2 = est.pairwise_scores(merge(test), merge(train))
     torch.testing.assert_close(s1, s2, rtol=1e-10, atol=1e-12)
 

@@ -97,8 +97,11 @@ def resolve_fallback(owner: str, fallback: Any, names: list[str]) -> dict[str, s
     return chosen
 
 
-def coverage_report(layout: ParameterLayout, methods: Mapping[str, str]) -> dict[str, dict]:
-    """``{module: {"method", "parameters", "num_params"}}`` with every parameter once.
+def coverage_report(
+    layout: ParameterLayout, methods: Mapping[str, str], reasons: Mapping[str, str] = {}
+) -> dict[str, dict]:
+    """``{module: {"method", "parameters", "num_params"}}`` with every parameter once, plus
+    ``"reason"`` where ``reasons`` says why a module is not covered as its kind would be.
 
     Parameters of one module covered by different methods are listed under their own names.
     """
@@ -118,6 +121,8 @@ def coverage_report(layout: ParameterLayout, methods: Mapping[str, str]) -> dict
                 "parameters": tuple(group),
                 "num_params": sum(numels[n] for n in group),
             }
+            if module in reasons:
+                report[key]["reason"] = reasons[module]
     return report
 
 
@@ -139,8 +144,9 @@ def warn_fallback(
         why = f", {reason}" if reason else ""
         parts.append(f"{key or '<root>'} ({kind}{why}, {entry['num_params']} params) -> {entry['method']}")
     warnings.warn(
-        f"{owner}: {len(fell)} module(s) are not Linear/Conv2d/Embedding/HF Conv1D layers with all their "
-        f"parameters attributed and fall back: {'; '.join(parts)}. Choose with "
+        f"{owner}: {len(fell)} module(s) have no Kronecker block (K-FAC covers Linear/Conv2d/"
+        "Embedding/HF Conv1D layers with all their parameters attributed, each used only by its "
+        f"own forward) and fall back: {'; '.join(parts)}. Choose with "
         "fallback='diagonal'|'identity' or {pattern: method}; see coverage_.",
         FallbackWarning,
         stacklevel=4,

@@ -29,24 +29,16 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_unflatten
 
 from .. import distributed
 from .._loader import iterate_batches
 from ..exceptions import InfluenceError
 from .._params_base import check_is_fitted
-from ..gradients.functional import per_sample_grads, split_batch
+from ..gradients.functional import per_sample_grads, take_examples
 from ..params import ParameterLayout
 from ..tasks import Task
 from ._base import Curvature, check_finite_statistics
 from ._products import batch_matmat, check_curvature_type
-
-
-def select_examples(task: Task, batch: Any, index: torch.Tensor) -> Any:
-    """The examples ``index`` of ``batch``, as a batch of the same structure."""
-    leaves, spec, batched, _ = split_batch(task, batch)
-    picked = [leaf[index.to(leaf.device)] if b else leaf for leaf, b in zip(leaves, batched)]
-    return tree_unflatten(picked, spec)
 
 
 def check_num_samples(num_samples: Any, owner: str) -> int | None:
@@ -265,7 +257,7 @@ def _subsample(task: Task, loader: Iterable[Any], num_samples: int, seed: int) -
     for batch, size in zip(batches, sizes):
         local = chosen[(chosen >= start) & (chosen < start + size)] - start
         if local.numel():
-            out.append(select_examples(task, batch, local))
+            out.append(take_examples(task, batch, local))
         start += size
     return out
 

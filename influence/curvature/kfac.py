@@ -7,7 +7,10 @@ from typing import Mapping
 import torch
 
 from ..exceptions import InfluenceError
-from ..gradients.capture import supported_layers
+from .._loader import iterate_batches
+from .._progress import current
+from ..gradients.capture import hookable_layers
+from ..gradients.plan import plan_layers
 from ..gradients.functional import check_vmappable_modes
 from ..params import ParameterLayout
 from ._blocks import (
@@ -100,7 +103,9 @@ class KFAC(BlockCurvature):
         owner = type(self).__name__
         check_fisher_options(owner, self.fisher_type, self.num_samples, task)
         check_vmappable_modes(model)
-        self._plan(model, layout)
+        # the full loader's first batch, on every rank alike: the plan decides the statistics'
+        # keys, which must agree across ranks
+        self._plan(model, layout, task=task, batch=next(iterate_batches(loader, "train_loader")))
         self._generator = make_generator(model, self.seed)
         try:
             super()._fit(model, task, loader, layout)
@@ -130,28 +135,35 @@ class KFAC(BlockCurvature):
         self.num_examples_ = int(statistics["num_examples"])
 
     def _restore(self, statistics, layout, model) -> None:
-        self._plan(model, layout)  # layers and fallbacks: from the model, as in the fit
+        self._plan(model, layout, statistics=statistics)  # the fit's layers: those with factors
         self._set_statistics(statistics)
 
-    def _plan(self, model, layout) -> None:
-        """Which layers get Kronecker blocks and how the rest falls back (needs no data).
+    def _plan(self, model, layout, task=None, batch=None, statistics=None) -> None:
+        """Which layers get Kronecker blocks and how the rest falls back.
 
-        Sets ``_layers``, ``_methods`` (parameter → method), ``_layout`` and ``coverage_``;
-        with ``statistics_``, this is all :meth:`_build` needs (e.g. to restore a saved fit).
+        At fit, the candidates (Linear/Conv2d/Embedding/HF Conv1D) go through
+        :func:`~influence.gradients.plan.plan_layers` on the first batch: a layer whose weight
+        is also used outside it (tied or functional use), whose batch axis cannot be traced or
+        that fails the self-check gets the fallback instead, with the reason in ``coverage_``.
+        On load, the layers are those with saved factors (``statistics``).
+
+        Sets ``_layers``, ``_methods`` (parameter → method), ``_layout``, ``_reasons`` and
+        ``coverage_``; with ``statistics_``, this is all :meth:`_build` needs.
         """
-        layers = supported_layers(model, layout, include_transposed=True)
-        tied = _tied_parameter_ids(model)
-        self._reasons = {}
-        for name, info in list(layers.items()):
-            if any(id(p) in tied for p in info.module.parameters(recurse=False)):
-                del layers[name]  # its gradient also flows through another module
-                self._reasons[name] = "weight tied to another module"
+        candidates = {n: i for n, i in hookable_layers(model, layout).items() if i.kind != "layernorm"}
+        if statistics is not None:
+            layers = {n: i for n, i in candidates.items() if f"{n}/A" in statistics}
+            self._reasons = {}
+        else:
+            plan = plan_layers(model, task, layout, hookable_layers(model, layout), batch, current().self_check)
+            layers = {n: i for n, i in plan.layers.items() if n in candidates}
+            self._reasons = {n: why for n, why in plan.rejected.items() if n in candidates}
         covered = {n for info in layers.values() for n in (info.weight, info.bias) if n}
         rest = [n for n in layout.names if n not in covered]
         methods = {n: "kronecker" for n in covered}
         methods.update(resolve_fallback(type(self).__name__, self.fallback, rest))
         self._layers, self._methods, self._layout = layers, methods, layout
-        self.coverage_ = coverage_report(layout, methods)
+        self.coverage_ = coverage_report(layout, methods, self._reasons)
 
     def _build(self, stats: Mapping[str, torch.Tensor]) -> list:
         """Blocks from summed statistics: Kronecker, then diagonal and identity fallbacks."""
@@ -252,14 +264,6 @@ class EKFAC(KFAC):
         if key in stats:
             block.eigenvalues = stats[key] / stats[f"{key}_count"].clamp_min(1)
         return block
-
-
-def _tied_parameter_ids(model) -> set[int]:
-    """Ids of parameter tensors registered under more than one name (tied weights)."""
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {i for i, c in seen.items() if c > 1}
 
 
 def _sub_layout(layout: ParameterLayout, names: list[str]) -> ParameterLayout:

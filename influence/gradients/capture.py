@@ -47,6 +47,14 @@ LAYER_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embeddin
 EXTERNAL_LAYER_KINDS = {("transformers", "Conv1D"): "conv1d"}
 
 
+class BatchAxisError(InfluenceError):
+    """A captured layer's output does not have the batch size on its batch axis."""
+
+    def __init__(self, message: str, layer: str):
+        super().__init__(message)
+        self.layer = layer
+
+
 def layer_kind(module: nn.Module) -> str | None:
     """The capture kind of a module (exact type match), or ``None`` when unsupported."""
     kind = LAYER_KINDS.get(type(module))
@@ -58,13 +66,22 @@ def layer_kind(module: nn.Module) -> str | None:
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A supported layer whose weight is attributed."""
+    """A supported layer whose weight is attributed.
+
+    ``batch_axis`` is the axis of the layer's inputs and outputs that indexes the examples of a
+    batch: ``0`` (batch-first, the default), another axis (e.g. ``1`` for PyTorch's default
+    sequence-first ``(T, B, d)`` transformer layers), or ``None`` for an input shared by the
+    whole batch with a leading dimension of 1 (e.g. GPT-2's ``(1, T)`` position ids), whose
+    output is expanded to one copy per example. It is decided from how a batch flows through
+    the model (:func:`influence.gradients.plan.plan_layers`), never from shape equalities.
+    """
 
     name: str
     module: nn.Module
     kind: str
     weight: str
     bias: str | None
+    batch_axis: int | None = 0
 
     @property
     def transposed(self) -> bool:
@@ -92,6 +109,20 @@ class LayerInfo:
         if self.kind == "conv2d":
             return m.out_channels
         return m.embedding_dim
+
+
+@dataclass(frozen=True)
+class NormInfo(LayerInfo):
+    """A 1-D elementwise-affine ``nn.LayerNorm`` (``kind == "layernorm"``): ``∇γ = Σ_t g_t ⊙ x̂_t``,
+    ``∇β = Σ_t g_t`` with ``x̂`` the normalised input (captured in place of the input)."""
+
+    @property
+    def d_in(self) -> int:
+        return self.module.normalized_shape[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.module.normalized_shape[0]
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
@@ -142,6 +173,23 @@ def supported_layers(
             continue
         layers[name] = LayerInfo(name, module, kind, weight, bias)
     return layers
+
+
+def hookable_layers(model: nn.Module, layout: ParameterLayout) -> dict[str, LayerInfo]:
+    """Every layer the hook path can capture, in module order: :func:`supported_layers`
+    (HuggingFace ``Conv1D`` included) plus 1-D elementwise-affine LayerNorms whose parameters
+    are all attributed. Consumers keep the kinds they handle."""
+    layers = dict(supported_layers(model, layout, include_transposed=True))
+    attributed = set(layout.names)
+    for name, m in model.named_modules():
+        if type(m) is not nn.LayerNorm or not m.elementwise_affine or len(m.normalized_shape) != 1:
+            continue
+        prefix = f"{name}." if name else ""
+        weight, bias = prefix + "weight", (prefix + "bias" if m.bias is not None else None)
+        if weight in attributed and (bias is None or bias in attributed):
+            layers[name] = NormInfo(name, m, "layernorm", weight, bias)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return dict(sorted(layers.items(), key=lambda kv: order[kv[0]]))
 
 
 def tokens_in(info: LayerInfo, x: torch.Tensor) -> torch.Tensor:
@@ -230,21 +278,28 @@ class LayerCapture:
     def _hook(self, name: str, info: LayerInfo) -> Callable:
         def hook(module, args, output):
             x = args[0].detach()
+            if info.kind == "layernorm":  # the normalised input x̂ plays the input's part
+                x = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
             if not output.requires_grad:  # nothing upstream needs a gradient: make it a leaf
                 output = output.detach().requires_grad_(True)
-            if self.batch_size is not None and self.batch_size > 1 and output.dim() > 0 and output.shape[0] == 1:
+            axis, n = info.batch_axis, self.batch_size
+            if axis is None and n is not None and n > 1 and output.dim() > 0 and output.shape[0] == 1:
                 # an input shared by the whole batch (e.g. GPT-2's (1, T) position ids): expand
                 # it so that every example gets its own output, hence its own output gradient
-                output = output.expand(self.batch_size, *output.shape[1:])
-                x = x.expand(self.batch_size, *x.shape[1:])
-            if self.batch_size is not None and (output.dim() == 0 or output.shape[0] != self.batch_size):
-                raise InfluenceError(
+                output = output.expand(n, *output.shape[1:])
+                x = x.expand(n, *x.shape[1:])
+            at = 0 if axis is None else axis
+            if n is not None and (output.dim() <= at or output.shape[at] != n):
+                raise BatchAxisError(
                     f"Layer {name!r} produced an output of shape {tuple(output.shape)} whose "
-                    f"first dimension is not the batch size {self.batch_size}: its gradient "
+                    f"batch axis {at} does not have the batch size {n}: its gradient "
                     "cannot be split per example from its inputs and outputs. Feed it "
-                    "batch-first inputs (e.g. expand position ids to (B, T)) or leave it out "
-                    "of the attributed parameters."
+                    "inputs whose batch axis does not change between batches, or leave it "
+                    "out of the attributed parameters.",
+                    layer=name,
                 )
+            if at:  # e.g. sequence-first (T, B, d): examples first for the factors
+                x = x.movedim(at, 0)
             if self.need_inputs:
                 raw = self.raw_conv_inputs and info.kind == "conv2d"
                 self._inputs[name].append(x if raw else tokens_in(info, x))
@@ -271,6 +326,8 @@ class LayerCapture:
             parts = []
             for out in self._outputs[name]:
                 g = grads[k] if grads[k] is not None else torch.zeros_like(out)
+                if info.batch_axis:
+                    g = g.movedim(info.batch_axis, 0)
                 parts.append(_tokens_out(info, g.detach()))
                 k += 1
             self.output_grads[name] = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
@@ -287,6 +344,11 @@ class LayerCapture:
 def layer_grads(info: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Materialised per-example gradients ``{param_name: (B, *shape)}`` from ``a`` and ``g``."""
     m = info.module
+    if info.kind == "layernorm":
+        out = {info.weight: (g * a.reshape(*g.shape)).sum(1)}
+        if info.bias is not None:
+            out[info.bias] = g.sum(dim=1)
+        return out
     if info.kind == "embedding":
         onehot = F.one_hot(a, m.num_embeddings).to(g.dtype)
         if m.padding_idx is not None:
@@ -302,4 +364,4 @@ def layer_grads(info: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> dict[str, 
     return out
 
 
-__all__ = ["LayerCapture", "LayerInfo", "layer_grads", "layer_kind", "module_name", "supported_layers", "unsupported_reason"]
+__all__ = ["BatchAxisError", "LayerCapture", "LayerInfo", "NormInfo", "hookable_layers", "layer_grads", "layer_kind", "module_name", "supported_layers", "unsupported_reason"]

@@ -62,6 +62,17 @@ def task_objective(task: Task, objective: str) -> Callable[[nn.Module, Any], tor
     return task.loss if objective == "loss" else task.measurement
 
 
+def check_per_example(losses: Any, n: int, task: Task) -> torch.Tensor:
+    """Returns ``losses`` if it holds one value per example (shape ``(n,)``), else raises."""
+    if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise InfluenceError(
+            f"{type(task).__name__} must return one value per example, shape ({n},), with no "
+            f"reduction over the batch; got {shape}."
+        )
+    return losses
+
+
 def _check_output(out: Any, task: Task) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.dim() != 1 or out.shape[0] != 1:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -124,6 +135,13 @@ def split_batch(task: Task, batch: Any) -> tuple[list, Any, list[bool], int]:
             f"No tensor in the batch has the batch size {n} as its leading dimension."
         )
     return leaves, spec, batched, n
+
+
+def take_examples(task: Task, batch: Any, index: torch.Tensor) -> Any:
+    """The examples ``index`` of ``batch`` (repeats allowed), as a batch of the same structure."""
+    leaves, spec, batched, _ = split_batch(task, batch)
+    picked = [leaf[index.to(leaf.device)] if b else leaf for leaf, b in zip(leaves, batched)]
+    return tree_unflatten(picked, spec)
 
 
 def _failing_module(model: nn.Module, attempt: Callable[[], Any]) -> str:

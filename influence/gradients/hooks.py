@@ -19,64 +19,26 @@ layers **factored** and forms only what is asked:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..exceptions import FallbackWarning, InfluenceError
-from ..params import ParameterLayout
+from ..params import ParameterLayout, module_name
 from ..tasks import Task
-from .capture import LayerCapture, LayerInfo, supported_layers, tokens_in
-from .functional import check_vmappable_modes, per_sample_grads, task_objective
+from .capture import BatchAxisError, LayerCapture, LayerInfo, hookable_layers, tokens_in
+from .plan import LayerPlan, plan_layers
+from .functional import check_per_example, check_vmappable_modes, per_sample_grads, task_objective
 
 GRADIENT_METHODS = ("auto", "func", "hooks")
 
 
-@dataclass(frozen=True)
-class NormInfo(LayerInfo):
-    """A 1-D elementwise-affine LayerNorm (``kind == "layernorm"``)."""
-
-    @property
-    def d_in(self) -> int:
-        return self.module.normalized_shape[0]
-
-    @property
-    def d_out(self) -> int:
-        return self.module.normalized_shape[0]
-
-
 def hook_layers(model: nn.Module, layout: ParameterLayout) -> dict[str, LayerInfo]:
-    """Supported layers (Linear/Conv2d/Embedding, plus 1-D affine LayerNorm) of the layout."""
-    layers = dict(supported_layers(model, layout))
-    attributed = set(layout.names)
-    for name, m in model.named_modules():
-        if type(m) is not nn.LayerNorm or not m.elementwise_affine or len(m.normalized_shape) != 1:
-            continue
-        prefix = f"{name}." if name else ""
-        weight, bias = prefix + "weight", (prefix + "bias" if m.bias is not None else None)
-        if weight in attributed and (bias is None or bias in attributed):
-            layers[name] = NormInfo(name, m, "layernorm", weight, bias)
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    return dict(sorted(layers.items(), key=lambda kv: order[kv[0]]))
-
-
-class _Capture(LayerCapture):
-    """:class:`LayerCapture` that also records the normalised input of LayerNorms."""
-
-    def _hook(self, name, info):
-        inner = super()._hook(name, info)
-        if info.kind != "layernorm":
-            return inner
-
-        def hook(module, args, output):
-            x = args[0].detach()
-            xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-            return inner(module, (xhat.reshape(xhat.shape[0], -1),), output)
-
-        return hook
+    """Candidate layers of the gradient hook path: Linear/Conv2d/Embedding, HuggingFace
+    ``Conv1D`` and 1-D affine LayerNorm. Which of them the hook path really computes is decided
+    per model by :func:`~influence.gradients.plan.plan_layers`."""
+    return hookable_layers(model, layout)
 
 
 class LayerFactors:
@@ -125,7 +87,8 @@ def _conv_weight_grads(f: LayerFactors, out: torch.Tensor | None) -> torch.Tenso
 
 
 def weight_grads(f: LayerFactors, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-example weight gradients ``(B, d_out, d_in)`` (Embedding: ``(B, V, D)``)."""
+    """Per-example weight gradients ``(B, d_out, d_in)`` in the weight's own layout (Embedding:
+    ``(B, V, D)``; HF ``Conv1D``: ``(B, d_in, d_out)``)."""
     info, g = f.info, f.g
     if info.kind == "conv2d" and f._a is None:
         return _conv_weight_grads(f, out)
@@ -145,9 +108,10 @@ def weight_grads(f: LayerFactors, out: torch.Tensor | None = None) -> torch.Tens
     if info.kind == "layernorm":
         res = (g * a).sum(1)
         return res if out is None else out.copy_(res.view(out.shape))
+    left, right = (a, g) if info.transposed else (g, a)  # HF Conv1D: weight stored (d_in, d_out)
     if T == 1:
-        return torch.mul(g.transpose(1, 2), a, out=out) if out is not None else g.transpose(1, 2) * a
-    return torch.bmm(g.transpose(1, 2), a, out=out) if out is not None else torch.bmm(g.transpose(1, 2), a)
+        return torch.mul(left.transpose(1, 2), right, out=out) if out is not None else left.transpose(1, 2) * right
+    return torch.bmm(left.transpose(1, 2), right, out=out) if out is not None else torch.bmm(left.transpose(1, 2), right)
 
 
 def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -251,17 +215,30 @@ class BatchGrads:
         return total
 
 
+def _matrix_shape(info: LayerInfo) -> tuple[int, ...]:
+    """A layer's per-example weight gradient as :func:`weight_grads` writes it (no batch)."""
+    if info.kind in ("layernorm", "embedding", "conv1d"):  # the weight's own layout
+        return tuple(info.module.weight.shape)
+    return (info.d_out, info.d_in)  # Conv2d: (C_out, C_in·kh·kw)
+
+
 class GradientComputer:
     """Computes per-example gradients by the hook path, the torch.func path, or both.
+
+    Which candidate layers (:func:`hook_layers`) the hook path computes is decided on the first
+    batch by :func:`~influence.gradients.plan.plan_layers`: layers whose parameters are used
+    outside them (tied weights, functional uses), whose batch axis cannot be traced, or that
+    fail the self-check go to torch.func; :meth:`coverage` reports the decision.
 
     Args:
         model: the model (eval mode).
         task: reads batches.
         layout: the attributed parameters.
-        method: ``"auto"`` (hooks for supported layers, torch.func for the rest),
+        method: ``"auto"`` (hooks for the planned layers, torch.func for the rest),
             ``"hooks"`` (same, but errors instead of falling back) or ``"func"`` (torch.func
             for everything).
         chunk_size: vmap chunk size of the torch.func part.
+        self_check: compare the hook path with torch.func on two examples of the first batch.
 
     Examples:
         >>> import torch
@@ -271,19 +248,67 @@ class GradientComputer:
         >>> grads = comp.compute((torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])))
         >>> grads.flat().shape, grads.dot(grads).shape
         (torch.Size([5, 26]), torch.Size([5, 5]))
+        >>> comp.coverage()["0"]["path"], comp.coverage()["0"]["batch_axis"]
+        ('hooks', 0)
     """
 
-    def __init__(self, model: nn.Module, task: Task, layout: ParameterLayout, method: str = "auto", chunk_size: int | None = None):
+    def __init__(self, model: nn.Module, task: Task, layout: ParameterLayout, method: str = "auto",
+                 chunk_size: int | None = None, self_check: bool = True):
         if method not in GRADIENT_METHODS:
             raise ValueError(f"Invalid gradient_method {method!r}. Supported: {GRADIENT_METHODS}.")
         self.model, self.task, self.layout, self.method, self.chunk_size = model, task, layout, method, chunk_size
-        self.layers = {} if method == "func" else hook_layers(model, layout)
-        if method == "hooks" and not self.layers:
+        self.self_check = self_check
+        self.candidates = {} if method == "func" else hook_layers(model, layout)
+        if method == "hooks" and not self.candidates:
             raise InfluenceError(
                 "gradient_method='hooks' but no attributed parameter belongs to a Linear, "
                 "Conv2d, Embedding or LayerNorm module. Use gradient_method='func' or 'auto'."
             )
+        self.plan: LayerPlan | None = None if self.candidates else LayerPlan({})
+        self.layers: dict[str, LayerInfo] = {}
         self._setup()
+
+    def prepare(self, batch: Any) -> LayerPlan:
+        """Plans the hook layers on ``batch`` (done by the first :meth:`compute` otherwise)."""
+        if self.plan is None:
+            # planned over every hookable layer, so that K-FAC's fit shares the (cached) plan
+            shared = plan_layers(self.model, self.task, self.layout, hookable_layers(self.model, self.layout), batch, self.self_check)
+            plan = LayerPlan(
+                {n: i for n, i in shared.layers.items() if n in self.candidates},
+                {n: why for n, why in shared.rejected.items() if n in self.candidates},
+                shared.self_checked,
+            )
+            if self.method == "hooks" and plan.rejected:
+                raise InfluenceError(
+                    "gradient_method='hooks' but the hook path cannot compute "
+                    + "; ".join(f"{name!r}: {why}" for name, why in plan.rejected.items())
+                    + ". Use gradient_method='auto' (those layers then use torch.func)."
+                )
+            self.plan = plan
+            self.layers = dict(self.plan.layers)
+            self._setup()
+        return self.plan
+
+    def coverage(self) -> dict[str, dict[str, Any]]:
+        """``{module: {"path": "hooks" | "func", "reason", "batch_axis", "parameters",
+        "num_params"}}``: how each attributed parameter's per-example gradient is computed."""
+        planned = self.plan.coverage() if self.plan is not None else {}
+        owner = {p: name for name, info in {**self.candidates, **self.layers}.items() for p in (info.weight, info.bias) if p}
+        numels = dict(zip(self.layout.names, self.layout.numels))
+        out: dict[str, dict[str, Any]] = {}
+        for p in self.layout.names:
+            module = owner.get(p, module_name(p))
+            entry = out.get(module)
+            if entry is None:
+                base = planned.get(module) or {
+                    "path": "func", "batch_axis": None,
+                    "reason": "torch.func by choice" if self.method == "func" else
+                              "not a Linear/Conv2d/Embedding/LayerNorm layer with all its parameters attributed",
+                }
+                entry = out[module] = {**base, "parameters": (), "num_params": 0}
+            entry["parameters"] += (p,)
+            entry["num_params"] += numels[p]
+        return out
 
     def _setup(self) -> None:
         covered = {n for i in self.layers.values() for n in (i.weight, i.bias) if n is not None}
@@ -292,41 +317,36 @@ class GradientComputer:
         self.rest_layout = ParameterLayout(tuple(rest), tuple(shapes[n] for n in rest)) if rest else None
         self.slices = self.layout.slices()
         self.rest_slices = list(self.rest_layout.slices().items()) if self.rest_layout else []
-        self.wshape = {n: (i.d_in,) if i.kind == "layernorm" else ((i.module.num_embeddings, i.d_out) if i.kind == "embedding" else (i.d_out, i.d_in)) for n, i in self.layers.items()}
+        self.wshape = {n: _matrix_shape(i) for n, i in self.layers.items()}
 
-    def _fallback(self, error: Exception) -> None:
+    def _drop_layer(self, error: BatchAxisError) -> None:
+        """A batch contradicts the plan for one layer: it goes to torch.func from now on."""
         if self.method == "hooks":
             raise error
         warnings.warn(
-            f"The hook path cannot run this model ({str(error).splitlines()[0][:300]}); using "
-            "torch.func for every parameter: results are exact but slower.",
+            f"Layer {error.layer!r} cannot stay on the hook path: {error} It uses torch.func "
+            "from now on (exact, slower).",
             FallbackWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        self.layers = {}
+        del self.layers[error.layer]
+        self.plan.layers.pop(error.layer, None)
+        self.plan.rejected[error.layer] = f"its batch axis did not hold on a later batch ({error})"
         self._setup()
 
     def compute(self, batch: Any, objective: str = "loss") -> BatchGrads:
         """Per-example gradients of one batch (factored where the hook path applies)."""
         fn = task_objective(self.task, objective)
         n = self.task.num_examples(batch)
+        self.prepare(batch)
         factors: dict[str, LayerFactors] = {}
         if self.layers:
             check_vmappable_modes(self.model)
             try:
-                with _Capture(self.layers, batch_size=n, raw_conv_inputs=True) as cap:
-                    losses = fn(self.model, batch)
-                    if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
-                        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-                        raise InfluenceError(
-                            f"{type(self.task).__name__} must return one value per example, shape "
-                            f"({n},), with no reduction over the batch; got {shape}."
-                        )
-                    cap.backward(losses)
-            except InfluenceError as error:
-                if "first dimension is not the batch size" not in str(error):
-                    raise
-                self._fallback(error)
+                with LayerCapture(self.layers, batch_size=n, raw_conv_inputs=True) as cap:
+                    cap.backward(check_per_example(fn(self.model, batch), n, self.task))
+            except BatchAxisError as error:
+                self._drop_layer(error)
                 return self.compute(batch, objective)
             for name, info in self.layers.items():
                 if name not in cap.output_grads:  # layer not used by this batch's forward
