@@ -36,6 +36,7 @@ class RunOptions:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50
     timings: dict[str, float] = field(default_factory=dict)
+    self_check: bool = True
 
 
 _OPTIONS: contextvars.ContextVar[RunOptions] = contextvars.ContextVar("influence_run_options")
@@ -58,6 +59,7 @@ def run_options(**kwargs: Any) -> Iterator[RunOptions]:
         checkpoint_dir=kwargs.get("checkpoint_dir", base.checkpoint_dir),
         checkpoint_every=kwargs.get("checkpoint_every", base.checkpoint_every),
         timings=kwargs.get("timings", base.timings),
+        self_check=kwargs.get("self_check", base.self_check),
     )
     if not isinstance(merged.checkpoint_every, int) or merged.checkpoint_every < 1:
         raise ValueError(

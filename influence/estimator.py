@@ -27,6 +27,7 @@ from ._topk import check_k, streaming_top_k
 from .curvature._base import Curvature, check_instance
 from .curvature.identity import Identity
 from .distributed import all_gather_cat, all_gather_counts, check_same_model, merge_top_k, shard
+from ._model_checks import check_deterministic, warn_if_dropout_active
 from .exceptions import ModelChangedError, NonFiniteGradientError
 from .gradients.hooks import GRADIENT_METHODS, GradientComputer
 from .params import ParamSpec, parameter_fingerprint, select_parameters
@@ -89,10 +90,18 @@ class InfluenceEstimator(ParamsMixin):
 
         progress: tqdm progress bars on long loops: ``True``, ``False``, or ``None`` for "only
             when stderr is a terminal".
+        self_check: guard against silently wrong scores (on by default; cheap): at ``fit``,
+            compare the hook path's per-example gradients with torch.func's on two examples of
+            the first batch (a mismatching layer falls back to torch.func with a warning), and
+            at ``fit`` and every scoring call, compute the loss of the first batch twice and
+            raise :class:`~influence.exceptions.StochasticModelError` if they differ (dropout
+            left on). ``False`` skips both (a warning still names active dropout modules).
 
     Fitted attributes: ``model_``, ``curvature_``, ``layout_``, ``num_train_``,
     ``fingerprint_``, ``timings_`` (seconds per stage, e.g. ``"fit"``, ``"pairwise_scores"``;
-    ``fit`` resets it, scoring adds to it), ``gradients_``; after scoring, ``plan_`` reports the
+    ``fit`` resets it, scoring adds to it), ``gradients_``, ``gradient_coverage_`` (how each
+    module's per-example gradients are computed: ``"hooks"`` or ``"func"``, with the reason and
+    batch axis, see :mod:`influence.gradients.plan`); after scoring, ``plan_`` reports the
     per-layer choices of :mod:`influence.scoring`.
 
     Under ``torch.distributed`` (more than one rank) fitting and scoring are data-parallel over
@@ -121,6 +130,7 @@ class InfluenceEstimator(ParamsMixin):
         progress: bool | None = None,
         gradient_method: str = "auto",
         scoring: ScoringConfig | None = None,
+        self_check: bool = True,
     ):
         self.curvature = curvature
         self.task = task
@@ -130,6 +140,7 @@ class InfluenceEstimator(ParamsMixin):
         self.progress = progress
         self.gradient_method = gradient_method
         self.scoring = scoring
+        self.self_check = self_check
 
     # ----------------------------------------------------------------------------- fitting
     @_staged("fit")
@@ -164,25 +175,38 @@ class InfluenceEstimator(ParamsMixin):
             check_instance(self.scoring, ScoringConfig, "scoring")
             self.scoring.validate()
         warn_if_shuffled(train_loader, "train_loader")
-        for batch in iterate_batches(train_loader, "train_loader"):  # format errors now, not at scoring
-            task.num_examples(batch)
-            break
-        _warn_if_stochastic(model)
+        first = next(iterate_batches(train_loader, "train_loader"))
+        task.num_examples(first)  # format errors now, not at scoring
+        self._check_deterministic(model, task, first, "training")
         layout = select_parameters(model, self.params)
         check_same_model(parameter_fingerprint(model, layout))  # under torch.distributed
+        gradients = GradientComputer(model, task, layout, self.gradient_method, self.chunk_size, self.self_check)
+        gradients.prepare(first)  # which layers the hook path computes (and the self-check)
         self.task_ = task
         self.layout_ = layout
         directory = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         if directory is not None and not curvature._uses_statistics():
             logger.warning("%s does not fit through the statistics protocol: checkpoint_dir is not used.", type(curvature).__name__)
-        with run_options(checkpoint_dir=directory, checkpoint_every=checkpoint_every):
+        with run_options(checkpoint_dir=directory, checkpoint_every=checkpoint_every, self_check=self.self_check):
             self.curvature_ = clone(curvature).fit(model, task, train_loader, layout)
         self.model_ = model
         self.train_loader_ = train_loader
         self._num_train = None  # counted on first use of num_train_ (no extra loader pass in fit)
         self.fingerprint_ = parameter_fingerprint(model, layout)
-        self.gradients_ = GradientComputer(model, task, layout, self.gradient_method, self.chunk_size)
+        self.gradients_ = gradients
         return self
+
+    @property
+    def gradient_coverage_(self) -> dict[str, dict[str, Any]]:
+        """How each module's per-example gradients are computed (see :meth:`GradientComputer.coverage`)."""
+        check_is_fitted(self, "curvature_", "gradient_coverage_")
+        return self._computer().coverage()
+
+    def _check_deterministic(self, model: nn.Module, task: Task, batch: Any, stage: str) -> None:
+        if self.self_check:
+            check_deterministic(model, task, batch, stage)
+        else:
+            warn_if_dropout_active(model)
 
     @property
     def num_train_(self) -> int:
@@ -198,7 +222,8 @@ class InfluenceEstimator(ParamsMixin):
         self._num_train = int(value)
 
     # ----------------------------------------------------------------------------- gradients
-    def _check_model(self, method: str) -> None:
+    def _check_model(self, method: str, loader: Iterable[Any] | None = None, stage: str = "query") -> None:
+        """Fitted, same weights as at fit, and (given ``loader``) deterministic on its first batch."""
         check_is_fitted(self, "curvature_", method)
         if parameter_fingerprint(self.model_, self.layout_) != self.fingerprint_:
             raise ModelChangedError(
@@ -206,6 +231,13 @@ class InfluenceEstimator(ParamsMixin):
                 "steps or loading other weights): the fitted curvature no longer matches. "
                 "Call fit(model, train_loader) again."
             )
+        if loader is not None:
+            self._check_first_batch(loader, stage)
+
+    def _check_first_batch(self, loader: Iterable[Any], stage: str) -> None:
+        """The model is deterministic on the loader's first batch (catches ``model.train()``)."""
+        first = next(iterate_batches(loader, f"{'test' if stage == 'query' else 'train'}_loader"))
+        self._check_deterministic(self.model_, self.task_, first, stage)
 
     def _gradients(self, loader: Iterable[Any], objective: str, what: str) -> Iterator[torch.Tensor]:
         """Yields per-example gradient blocks ``(B, P)`` of the loader, checked finite."""
@@ -219,7 +251,7 @@ class InfluenceEstimator(ParamsMixin):
     @_staged("influence_factors")
     def influence_factors(self, test_loader: Iterable[Any]) -> torch.Tensor:
         """Preconditioned query gradients ``(C + λI)⁻¹ ∇m(z_test)``, shape ``(n_test, P)``."""
-        self._check_model("influence_factors()")
+        self._check_model("influence_factors()", test_loader)
         blocks = [self.curvature_.solve(G) for G in self._gradients(test_loader, "measurement", "test")]
         return torch.cat(blocks).to(self.score_dtype)
 
@@ -248,9 +280,9 @@ class InfluenceEstimator(ParamsMixin):
         if out is not None:
             from ._outputs import write_pairwise
 
-            factors = self.influence_factors(test_loader)
+            factors = self.influence_factors(test_loader)  # checks the model
             return write_pairwise(self, factors, self._train(train_loader), os.fspath(out), checkpoint_every)
-        scores = self._scorer("pairwise_scores()").pairwise(test_loader, self._train(train_loader))
+        scores = self._scorer("pairwise_scores()", test_loader).pairwise(test_loader, self._train(train_loader))
         return all_gather_cat(scores, dim=1)  # the ranks' columns
 
     @_staged("self_scores")
@@ -260,6 +292,7 @@ class InfluenceEstimator(ParamsMixin):
         Large values flag unusual, often mislabeled, examples. Defaults to the training set.
         """
         self._check_model("self_scores()")
+        self._check_first_batch(self._train(loader), "training")
         out = []
         if type(self.curvature_) is Identity and self.scoring is None:  # ghost norms
             lam = self.curvature_._damping(None)
@@ -295,7 +328,7 @@ class InfluenceEstimator(ParamsMixin):
             indices count training examples in loader order.
         """
         check_k(k)
-        scorer = self._scorer("top_k()")
+        scorer = self._scorer("top_k()", test_loader)
         rows = [
             streaming_top_k(
                 scorer.columns(queries, self._train(train_loader)), k, largest,
@@ -308,12 +341,12 @@ class InfluenceEstimator(ParamsMixin):
     def _computer(self) -> GradientComputer:
         """Per-example gradients (hook path + torch.func); rebuilt after :meth:`load`."""
         if getattr(self, "gradients_", None) is None:
-            self.gradients_ = GradientComputer(self.model_, self.task_, self.layout_, self.gradient_method, self.chunk_size)
+            self.gradients_ = GradientComputer(self.model_, self.task_, self.layout_, self.gradient_method, self.chunk_size, self.self_check)
         return self.gradients_
 
-    def _scorer(self, method: str) -> Scorer:
+    def _scorer(self, method: str, test_loader: Iterable[Any]) -> Scorer:
         """Single-pass scorer (resident queries; see :mod:`influence.scoring`); sets ``plan_``."""
-        self._check_model(method)
+        self._check_model(method, test_loader)
         scorer = Scorer(self._computer(), self.curvature_, self.scoring, self.score_dtype)
         self.plan_ = scorer.plan  # filled in by the first query batch
         return scorer
@@ -355,15 +388,3 @@ class InfluenceEstimator(ParamsMixin):
         from .io import load_estimator
 
         return load_estimator(cls, path, model, task)
-
-
-def _warn_if_stochastic(model: nn.Module) -> None:
-    active = [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
-    if active:
-        warnings.warn(
-            f"Dropout is active in training mode ({', '.join(active[:5])}): gradients and "
-            "scores will be random. Call model.eval() before fitting and scoring.",
-            UserWarning,
-            stacklevel=3,
-        )
-

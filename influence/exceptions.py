@@ -26,6 +26,10 @@ class ModelChangedError(InfluenceError, RuntimeError):
     """The model's attributed parameters changed after ``fit``."""
 
 
+class StochasticModelError(InfluenceError, RuntimeError):
+    """The model gives different losses on two identical calls (dropout or sampling active)."""
+
+
 class CurvatureError(InfluenceError, RuntimeError):
     """A curvature could not be fitted or applied (too large, not positive definite, ...)."""
 

@@ -21,6 +21,7 @@ from influence import (
 
 import logreg
 import zoo
+from influence.exceptions import StochasticModelError
 
 
 @pytest.fixture(scope="module")
@@ -216,10 +217,13 @@ def test_bad_k_and_damping(fitted):
         InfluenceEstimator(Exact(damping=-1.0)).fit(est.model_, train)
 
 
-def test_dropout_in_training_mode_warns():
+def test_dropout_in_training_mode_is_refused_or_warned():
+    """Dropout left on: fit refuses (the scores would be random); self_check=False warns."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5)).double()
-    with pytest.warns(UserWarning, match=r"Dropout is active.*model.eval\(\)"):
+    with pytest.raises(StochasticModelError, match=r"stochastic in this mode.*1 \(Dropout, p=0.5\).*model.eval\(\)"):
         InfluenceEstimator().fit(model, [zoo.classification_data()])
+    with pytest.warns(UserWarning, match=r"Dropout is active.*model.eval\(\)"):
+        InfluenceEstimator(self_check=False).fit(model, [zoo.classification_data()])
 
 
 def test_fit_makes_no_extra_pass_and_num_train_is_counted_once():
