@@ -428,7 +428,8 @@ def test_sweep_removes_only_stale_unlocked_temporary_files_of_influence(tmp_path
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)
-    gone = [temp("mine-not-in-progress"), temp("dead-writer", pid=dead_pid), temp("idle-other-host", host="0badc0de", age=7200)]
+    gone = [temp("mine-not-in-progress"), temp("dead-writer", pid=dead_pid), temp("idle-other-host", host="0badc0de", age=7200),
+            temp("impossible-pid", pid=10**30)]
     kept = [temp("live-writer", pid=os.getppid()), temp("fresh-other-host", host="0badc0de"), temp("dead-but-locked", pid=dead_pid)]
     for name in (".tmp-abc", ".influence-tmp-garbage", "x.safetensors"):  # not ours, or not our pattern
         (tmp_path / name).write_bytes(b"y")
