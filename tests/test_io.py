@@ -17,7 +17,6 @@ from influence.io import (
     StorageError,
     atomic_write,
     load_tensors,
-    metadata_checksum,
     save_tensors,
 )
 from zoo import batches, classification_data, mlp
@@ -51,6 +50,8 @@ def test_round_trip_gives_identical_scores(tmp_path, curvature):
 
 
 def test_metadata_records_versions_curvature_task_layout(fitted, tmp_path):
+    from influence.io import metadata_checksum
+
     est, model, _ = fitted
     est.save(tmp_path / "e.safetensors")
     tensors, meta = load_tensors(tmp_path / "e.safetensors", "estimator")
