@@ -29,7 +29,7 @@ from .exceptions import (
     NotFittedError,
 )
 from .gradients import per_sample_grads
-from .io import CorruptedFileError, FormatVersionError, ModelMismatchError, StorageError
+from .io import CorruptedFileError, FormatVersionError, ModelMismatchError, StorageError, register_class
 from .params import ParameterLayout, select_parameters
 from .scoring import ScoringConfig
 from .tasks import ClassificationTask, LanguageModelingTask, OutputTask, RegressionTask, Task
@@ -87,7 +87,9 @@ __all__ = [
     "CurvatureError",
     "ConvergenceWarning",
     "FallbackWarning",
-    # storage errors (influence.io); data-parallel helpers live in influence.distributed
+    # storage (influence.io): classes a saved file may name, errors; data-parallel helpers
+    # live in influence.distributed
+    "register_class",
     "StorageError",
     "CorruptedFileError",
     "FormatVersionError",

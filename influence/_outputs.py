@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ._atomic import check_target
 from ._loader import iterate_batches
 from ._progress import logger, track
 from .distributed import all_gather_counts, barrier, rank_and_world
@@ -97,6 +98,7 @@ def write_pairwise(est, factors: torch.Tensor, train: Iterable[Any], out: str, e
     """Writes ``factors @ G_trainᵀ`` to ``out`` block by block; returns it read-only."""
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ValueError(f"checkpoint_every must be a positive integer (batches); got {every!r}.")
+    check_target(out)  # the final rename must not replace a link, a device or a directory
     rank, world = rank_and_world()
     dtype = _NP_DTYPES[factors.dtype]
     partial = out + ".partial"

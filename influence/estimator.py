@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -375,16 +374,27 @@ class InfluenceEstimator(ParamsMixin):
         save_estimator(self, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module, task: Task | None = None) -> "InfluenceEstimator":
+    def load(
+        cls, path: str | os.PathLike, model: nn.Module, task: Task | None = None, curvature: Curvature | None = None
+    ) -> "InfluenceEstimator":
         """Loads an estimator saved by :meth:`save`, checking that ``model`` is the fitted one.
 
+        The file is untrusted input: it names its curvature's and task's classes, and they are
+        rebuilt only when allowed (influence's own classes, or classes registered with
+        :func:`influence.register_class`); nothing named in a file is imported or called
+        otherwise. See ``docs/files_and_safety.md``.
+
         Args:
-            task: needed only when the saved task cannot be rebuilt from its parameters.
+            task: used instead of the saved task; needed when that cannot be rebuilt (its
+                class is not registered, or its arguments were not stored).
+            curvature: an instance of a custom curvature class that is not registered, with the
+                saved parameters (checked); the fitted state is loaded into a copy of it.
 
         Raises:
             ModelMismatchError: ``model`` differs (names the parameters that differ).
-            CorruptedFileError, FormatVersionError: see :mod:`influence.io`.
+            StorageError: the file names a class that is not allowed, or is not an influence
+                file; CorruptedFileError, FormatVersionError: see :mod:`influence.io`.
         """
         from .io import load_estimator
 
-        return load_estimator(cls, path, model, task)
+        return load_estimator(cls, path, model, task, curvature)

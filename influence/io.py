@@ -7,44 +7,50 @@ File format (one ``.safetensors`` file, format version :data:`FORMAT_VERSION`):
 - header metadata key ``"influence"``: a JSON document with the format version, the library
   version, the kind of file, the curvature's class and constructor parameters, the task's
   class and parameters (or its repr), the estimator's parameters, the parameter layout, a
-  fingerprint of the model (every parameter's name, shape and value statistics) and a
-  SHA-256 checksum of every tensor's bytes.
+  fingerprint of the model (every parameter's name, shape and value statistics), a SHA-256
+  of every tensor (its dtype, shape and bytes) and ``"checksum"``: the SHA-256 of the
+  canonical JSON of all the rest (``json.dumps(meta, sort_keys=True, separators=(",", ":"))``
+  without the ``"checksum"`` key). That one digest thus covers the metadata and, through their
+  digests, every tensor.
 
-Writes go to a temporary file in the target directory that is renamed over the target, so a
-crash never leaves a half-written file under the final name. Reading checks the header,
-the file size and every checksum: a truncated or corrupted file raises
+Writes are atomic and durable (:mod:`influence._atomic`: a locked temporary file, fsync,
+rename, fsync of the directory; stale temporary files of killed writers are swept) and refuse
+targets that are not regular files (directories, devices, FIFOs, symbolic links). Reading
+checks the header, the file size and the checksums: a truncated, damaged or edited file raises
 :class:`CorruptedFileError`; a file written by a newer format version is refused with
 :class:`FormatVersionError`; loading against another model raises :class:`ModelMismatchError`
-naming the parameters that differ.
+naming the parameters that differ. Classes named in a file are resolved only through an
+allow-list (:mod:`influence._registry`, :func:`register_class`): loading never imports or calls
+a name read from a file. Version 1 files (per-tensor checksums only) still load, with a
+warning that their metadata is not integrity-checked.
+
+The checksum detects damage and edits by tools that do not know the format; it is not a
+signature: whoever can rewrite the file can recompute it. See ``docs/files_and_safety.md``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 import math
 import os
 import struct
-import tempfile
-from typing import Any, Callable
+import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
+from ._atomic import StorageError, atomic_write, check_source
+from ._registry import allowed_class, class_name, decode, describe, encode, rebuild, register_class
 from .exceptions import InfluenceError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _META_KEY = "influence"
 
 
-class StorageError(InfluenceError, ValueError):
-    """A file could not be written or read as an influence file."""
-
-
 class CorruptedFileError(StorageError):
-    """A file is truncated or its contents do not match their checksums."""
+    """A file is truncated, or its contents do not match their checksums."""
 
 
 class FormatVersionError(StorageError):
@@ -56,46 +62,64 @@ class ModelMismatchError(InfluenceError, ValueError):
 
 
 # --------------------------------------------------------------------------------- raw files
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], by_path: bool = False) -> None:
-    """Writes a temporary file next to ``path`` and renames it to ``path`` once complete.
-
-    ``write`` receives the open binary file, or (``by_path=True``) the temporary path.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "r+b") as f:
-            if by_path:
-                write(tmp)
-            else:
-                write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous()
 
 
-def _checksum(t: torch.Tensor) -> str:
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _tensor_checksum(t: torch.Tensor, version: int = FORMAT_VERSION) -> str:
+    """SHA-256 of the dtype, shape (since version 2) and bytes of a CPU tensor."""
     h = hashlib.sha256()
-    if t.numel():
-        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy())  # no copy for contiguous CPU tensors
+    if version >= 2:
+        h.update(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
+    h.update(_bytes(t.contiguous()))
     return h.hexdigest()
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Writes ``tensors`` and the JSON-able ``meta`` (plus checksums) to ``path`` atomically."""
-    from safetensors.torch import save_file
+def metadata_checksum(meta: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``meta`` without its ``"checksum"`` key."""
+    rest = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
-    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+    torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+}
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Writes ``tensors`` and the JSON-able ``meta`` (plus checksums) to ``path`` atomically.
+
+    The safetensors format (8-byte little-endian header size, a JSON header padded with spaces
+    to a multiple of 8 bytes, then the tensors' bytes back to back) is streamed one tensor at
+    a time: a CPU state is written without any copy, a GPU state one tensor at a time.
+    """
+    unsupported = {k: t.dtype for k, t in tensors.items() if t.dtype not in _SAFETENSORS_DTYPES}
+    if unsupported:
+        raise StorageError(f"Cannot save tensors of dtypes {unsupported}: supported are {sorted(map(str, _SAFETENSORS_DTYPES))}.")
     meta = dict(meta, format_version=FORMAT_VERSION, library_version=_library_version())
-    meta["checksums"] = {k: _checksum(v) for k, v in cpu.items()}
-    header = {_META_KEY: json.dumps(meta)}
-    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=header), by_path=True)
+    meta["checksums"] = {k: _tensor_checksum(_cpu(v)) for k, v in tensors.items()}
+    meta["checksum"] = metadata_checksum(meta)
+    header: dict[str, Any] = {"__metadata__": {_META_KEY: json.dumps(meta)}}
+    offset = 0
+    for k, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+
+    def write(f) -> None:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            f.write(_bytes(_cpu(t)))
+
+    atomic_write(path, write)
 
 
 def _read_header(path: str) -> dict:
@@ -113,7 +137,7 @@ def _read_header(path: str) -> dict:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (ValueError, TypeError, KeyError, AttributeError):
         raise CorruptedFileError(f"{path} has a corrupted header: not a safetensors file.") from None
     if 8 + n + end > size:
@@ -124,33 +148,64 @@ def _read_header(path: str) -> dict:
     return header
 
 
-def load_tensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Reads and verifies a file written by :func:`save_tensors`; returns ``(tensors, meta)``."""
-    from safetensors.torch import load_file
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No such influence file: {path}.")
-    header = _read_header(path)
-    raw = header.get("__metadata__", {}).get(_META_KEY)
+def _read_metadata(path: str, header: dict) -> dict[str, Any]:
+    """The verified influence metadata of a safetensors header (see the module docstring)."""
+    metadata = header.get("__metadata__")
+    raw = metadata.get(_META_KEY) if isinstance(metadata, dict) else None
     if raw is None:
         raise StorageError(f"{path} is a safetensors file without influence metadata: it was not written by influence.")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as error:
+        raise CorruptedFileError(f"{path} has corrupted metadata (not valid JSON: {error}); save it again.") from None
+    if not isinstance(meta, dict):
+        raise CorruptedFileError(f"{path} has corrupted metadata (a JSON {type(meta).__name__}, not an object); save it again.")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or version < 1:  # noqa: E721 (True is not a version)
+        raise CorruptedFileError(
+            f"{path} has corrupted metadata: its format_version is {version!r}, not a positive "
+            "integer. Save it again."
+        )
+    if version > FORMAT_VERSION:
         raise FormatVersionError(
             f"{path} uses influence file format version {version} (written by influence "
             f"{meta.get('library_version')}), newer than this version's {FORMAT_VERSION}. "
             "Upgrade influence-estimation to read it."
         )
+    if version == 1:
+        warnings.warn(
+            f"{path} uses influence file format version 1, whose metadata (curvature, damping, "
+            "task, number of training examples) is not covered by a checksum: edits or damage "
+            "there go undetected. Load it once and save it again to upgrade it to version "
+            f"{FORMAT_VERSION}.",
+            UserWarning,
+            stacklevel=5,  # the caller of InfluenceEstimator.load
+        )
+    elif meta.get("checksum") != metadata_checksum(meta):
+        raise CorruptedFileError(
+            f"{path} is corrupted: its metadata does not match its checksum (it was damaged or "
+            "edited after writing). Save it again from the fitted estimator, or fit again."
+        )
+    if not isinstance(meta.get("checksums", {}), dict):
+        raise CorruptedFileError(f"{path} has corrupted metadata: its tensor checksums are not a mapping.")
+    return meta
+
+
+def load_tensors(path: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Reads and verifies a file written by :func:`save_tensors`; returns ``(tensors, meta)``."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    check_source(path)
+    meta = _read_metadata(path, _read_header(path))
     if meta.get("kind") != kind:
         raise StorageError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}.")
     try:
         tensors = load_file(path)
     except Exception as error:
         raise CorruptedFileError(f"{path} is corrupted: {error}.") from None
-    sums = meta.get("checksums", {})
-    bad = sorted(k for k in set(sums) | set(tensors) if k not in tensors or sums.get(k) != _checksum(tensors[k]))
+    sums, version = meta.get("checksums", {}), meta["format_version"]
+    bad = sorted(k for k in set(sums) | set(tensors) if k not in tensors or sums.get(k) != _tensor_checksum(tensors[k], version))
     if bad:
         raise CorruptedFileError(
             f"{path} is corrupted: the contents of {bad[:5]} do not match their checksums. "
@@ -163,94 +218,6 @@ def _library_version() -> str:
     from . import __version__
 
     return __version__
-
-
-# --------------------------------------------------------------------------------- values
-def encode(value: Any) -> Any:
-    """A JSON-able form of constructor parameter values (dtypes, tuples, nested objects)."""
-    from ._params_base import ParamsMixin
-
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else {"__float__": repr(value)}
-    if isinstance(value, torch.dtype):
-        return {"__dtype__": str(value).removeprefix("torch.")}
-    if isinstance(value, (list, tuple)):
-        return [encode(v) for v in value]
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {"__dict__": {k: encode(v) for k, v in value.items()}}
-    if isinstance(value, ParamsMixin):
-        return {"__object__": describe(value)}
-    raise StorageError(
-        f"Cannot store a value of type {type(value).__name__} ({value!r}) in the metadata."
-    )
-
-
-def decode(value: Any) -> Any:
-    if isinstance(value, list):
-        return [decode(v) for v in value]
-    if isinstance(value, dict):
-        if "__dtype__" in value:
-            return getattr(torch, value["__dtype__"])
-        if "__float__" in value:
-            return float(value["__float__"])
-        if "__dict__" in value:
-            return {k: decode(v) for k, v in value["__dict__"].items()}
-        if "__object__" in value:
-            return rebuild(value["__object__"])
-    return value
-
-
-def _init_names(cls: type) -> list[str]:
-    sig = inspect.signature(cls.__init__)
-    return [n for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-
-def _rebuildable(obj: Any) -> bool:
-    return all(n in vars(obj) for n in _init_names(type(obj)))
-
-
-def _params_from_repr(obj: Any) -> dict[str, Any] | None:
-    """``Name(a=1, b='x')`` → ``{"a": 1, "b": "x"}`` when the repr is literal keywords."""
-    import ast
-
-    try:
-        node = ast.parse(repr(obj), mode="eval").body
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == type(obj).__name__ and not node.args):
-            return None
-        return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
-    except (SyntaxError, ValueError):
-        return None
-
-
-def describe(obj: Any) -> dict[str, Any]:
-    """Class path, repr and, when they can be recovered, the constructor parameters (from
-    attributes named like the ``__init__`` arguments, or from a repr of literal keywords)."""
-    cls = type(obj)
-    out: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}", "repr": repr(obj)}
-    try:
-        if _rebuildable(obj):
-            out["params"] = {n: encode(vars(obj)[n]) for n in _init_names(cls)}
-        elif (params := _params_from_repr(obj)) is not None:
-            out["params"] = {k: encode(v) for k, v in params.items()}
-    except StorageError:
-        pass
-    return out
-
-
-def rebuild(desc: dict[str, Any]) -> Any:
-    """Rebuilds an object from :func:`describe`'s output."""
-    module, _, qualname = desc["class"].partition(":")
-    if "params" not in desc:
-        raise StorageError(f"Cannot rebuild {desc['repr']}: its constructor arguments were not stored.")
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        raise StorageError(f"Cannot rebuild {desc['repr']}: class {desc['class']} is not importable.") from None
-    return obj(**{k: decode(v) for k, v in desc["params"].items()})
 
 
 # --------------------------------------------------------------------------------- models
@@ -314,7 +281,7 @@ def save_estimator(est, path: str | os.PathLike) -> None:
         params = None  # a ParameterLayout: the layout below is the selection
     meta = {
         "kind": "estimator",
-        "estimator": {"class": f"{type(est).__module__}:{type(est).__qualname__}",
+        "estimator": {"class": class_name(type(est)),
                       "params": {k: encode(v) for k, v in others.items()}, "params_spec": params},
         "curvature": describe(cur),
         "curvature_state": cur._state_metadata(),
@@ -326,34 +293,53 @@ def save_estimator(est, path: str | os.PathLike) -> None:
     save_tensors(path, tensors, meta)
 
 
-def load_estimator(cls, path: str | os.PathLike, model: nn.Module, task=None):
+def load_estimator(cls, path: str | os.PathLike, model: nn.Module, task=None, curvature=None):
     """Implements :meth:`InfluenceEstimator.load`."""
+    from ._params_base import clone
+    from .curvature import Curvature
     from .params import ParameterLayout, parameter_fingerprint
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be the torch.nn.Module the estimator was fitted on; got {type(model).__name__}.")
+    if curvature is not None and not isinstance(curvature, Curvature):
+        raise TypeError(f"curvature must be an instance of the saved curvature's class (e.g. MyCurvature(...)); got {curvature!r}.")
+    path = os.fspath(path)
     tensors, meta = load_tensors(path, "estimator")
-    compare_fingerprints(meta["model"], model_fingerprint(model), f"The estimator saved in {os.fspath(path)}")
-    layout = ParameterLayout.from_dict(meta["layout"])
-    if task is None:
-        try:
-            task = rebuild(meta["task"])
-        except StorageError as error:
-            raise StorageError(f"{error} Pass task=... to load().") from None
-    curvature = rebuild(meta["curvature"])
-    spec = meta["estimator"]["params_spec"]
-    params = {k: decode(v) for k, v in meta["estimator"]["params"].items() if k in cls._param_names()}
-    est = cls(curvature=curvature, task=task, params=layout if spec is None else decode(spec), **params)
+    try:
+        compare_fingerprints(meta["model"], model_fingerprint(model), f"The estimator saved in {path}")
+        layout = ParameterLayout.from_dict(meta["layout"])
+        if task is None:
+            try:
+                task = rebuild(meta["task"])
+            except StorageError as error:
+                raise StorageError(f"{error} Pass task=... to load() to use your own instance.") from None
+        fitted = _saved_curvature(meta["curvature"], curvature, path)
+        spec = meta["estimator"]["params_spec"]
+        params = {k: decode(v) for k, v in meta["estimator"]["params"].items() if k in cls._param_names()}
+        est = cls(curvature=clone(fitted), task=task, params=layout if spec is None else decode(spec), **params)
+        num_train, state_meta = meta["num_train"], meta["curvature_state"]
+        if type(num_train) is not int or num_train < 0 or not isinstance(state_meta, dict):  # noqa: E721
+            raise CorruptedFileError(f"{path} has malformed metadata: num_train {num_train!r} or curvature_state {state_meta!r:.80}.")
+    except InfluenceError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        raise CorruptedFileError(f"{path} has malformed metadata ({type(error).__name__}: {error}); save it again.") from None
     device = next(iter(layout.tensors(model).values())).device
     state = {k.partition("/")[2]: v.to(device) for k, v in tensors.items() if k.startswith("curvature/")}
-    fitted = rebuild(meta["curvature"])
-    fitted._load_state(state, meta["curvature_state"], layout, model)
+    try:
+        fitted._load_state(state, state_meta, layout, model)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as error:
+        raise CorruptedFileError(
+            f"The curvature state saved in {path} does not fit {type(fitted).__name__}, the class "
+            f"its metadata names ({type(error).__name__}: {error}). The file was edited, or "
+            "written by an incompatible version: fit and save the estimator again."
+        ) from None
     est.curvature_ = fitted
     est.task_ = task
     est.layout_ = layout
     est.model_ = model
     est.train_loader_ = None
-    est.num_train_ = meta["num_train"]
+    est.num_train_ = num_train
     est.fingerprint_ = parameter_fingerprint(model, layout)
     est.timings_ = {}
     after_load = getattr(est, "_after_load", None)
@@ -362,16 +348,41 @@ def load_estimator(cls, path: str | os.PathLike, model: nn.Module, task=None):
     return est
 
 
+def _saved_curvature(desc: Any, given, path: str):
+    """The saved curvature, unfitted; ``given`` (an instance passed to ``load``) allows its
+    class and must equal it."""
+    if given is None:
+        try:
+            return rebuild(desc)
+        except StorageError as error:
+            raise StorageError(f"{error} Pass curvature=<an instance with the saved parameters> to load() to use your own class.") from None
+    name = class_name(type(given))
+    if not isinstance(desc, dict) or desc.get("class") != name:
+        saved = desc.get("class") if isinstance(desc, dict) else None
+        raise StorageError(f"{path} holds a {saved} curvature, but curvature= is a {name}.")
+    rebuilt = rebuild(desc, {name: type(given)})
+    if repr(rebuilt) != repr(given):
+        raise StorageError(
+            f"curvature={given!r} differs from the saved {rebuilt!r}: the fitted state belongs "
+            "to the saved parameters. Pass an instance with those."
+        )
+    return rebuilt
+
+
 __all__ = [
     "FORMAT_VERSION",
     "CorruptedFileError",
     "FormatVersionError",
     "ModelMismatchError",
     "StorageError",
+    "allowed_class",
     "atomic_write",
+    "class_name",
     "compare_fingerprints",
     "load_tensors",
+    "metadata_checksum",
     "model_fingerprint",
+    "register_class",
     "save_tensors",
     "load_estimator",
     "save_estimator",

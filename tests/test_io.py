@@ -50,10 +50,13 @@ def test_round_trip_gives_identical_scores(tmp_path, curvature):
 
 
 def test_metadata_records_versions_curvature_task_layout(fitted, tmp_path):
+    from influence.io import metadata_checksum
+
     est, model, _ = fitted
     est.save(tmp_path / "e.safetensors")
     tensors, meta = load_tensors(tmp_path / "e.safetensors", "estimator")
-    assert meta["format_version"] == 1 and meta["library_version"]
+    assert meta["format_version"] == 2 and meta["library_version"]
+    assert meta["checksum"] == metadata_checksum(meta)
     assert meta["curvature"]["class"] == "influence.curvature.exact:Exact"
     assert meta["curvature"]["params"]["curvature_type"] == "ggn"
     assert meta["task"]["repr"] == "ClassificationTask(measurement='margin')"
@@ -109,7 +112,7 @@ def test_newer_format_version_is_refused(tmp_path):
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
-    with pytest.raises(FormatVersionError, match="format version 99.*newer than this version's 1. Upgrade"):
+    with pytest.raises(FormatVersionError, match="format version 99.*newer than this version's 2. Upgrade"):
         load_tensors(tmp_path / "x.safetensors", "estimator")
 
 
@@ -180,7 +183,11 @@ class ScaledIdentity(Curvature):
         return V * (self.diag_.to(V) + damping)
 
 
-def test_generic_state_export_round_trips_a_custom_curvature(tmp_path):
+def test_generic_state_export_round_trips_a_custom_curvature(tmp_path, monkeypatch):
+    from influence import _registry
+
+    monkeypatch.setattr(_registry, "_USER", {})  # leaves no registration behind
+    _registry.register_class(ScaledIdentity)  # a custom class must be allowed to be rebuilt
     model, train = small()
     est = InfluenceEstimator(ScaledIdentity(scale=3.0), ClassificationTask(), score_dtype=torch.float64).fit(model, train)
     est.save(tmp_path / "c.safetensors")

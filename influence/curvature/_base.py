@@ -229,6 +229,10 @@ class Curvature(ParamsMixin, ABC):
         blocks from them and the layers it plans from ``model`` and ``layout`` here.
         """
         dict_keys = set(metadata.get("dict_keys", []))
+        names = dict_keys | {n.partition("/")[0] for n in tensors} | (set(metadata) - {"dict_keys"})
+        for key in sorted(names):  # the file is untrusted: it sets fitted attributes only
+            if not (key.isidentifier() and key.endswith("_") and not key.startswith("_")):
+                raise ValueError(f"the saved state names {key!r}, not a fitted attribute (public, ending in '_')")
         for key in dict_keys:
             setattr(self, key, {})
         for name, tensor in tensors.items():
