@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..gradients.capture import LayerCapture, LayerInfo
+from ..draws import TargetDraws
 from ..params import ParameterLayout
 from ..tasks import Task
 from ._fisher import fisher_losses
@@ -98,7 +99,7 @@ def factor_statistics(
     layers: Mapping[str, LayerInfo],
     fisher_type: str,
     num_samples: int,
-    generator: torch.Generator,
+    draws: TargetDraws | None,
 ) -> dict[str, torch.Tensor]:
     """Sums and counts of ``A`` and ``S`` for every layer over one batch (one forward+backward).
 
@@ -115,7 +116,7 @@ def factor_statistics(
     n = task.num_examples(batch)
     mask = token_mask(batch)
     with LayerCapture(dict(layers), batch_size=n) as cap:
-        losses = fisher_losses(model, task, batch, fisher_type, num_samples, generator)
+        losses = fisher_losses(model, task, batch, fisher_type, num_samples, draws)
         for k, loss in enumerate(losses):
             cap.backward(loss, retain_graph=k < len(losses) - 1)
             for name, info in layers.items():
@@ -263,7 +264,7 @@ def correction_statistics(
     blocks: list[KroneckerBlock],
     fisher_type: str,
     num_samples: int,
-    generator: torch.Generator,
+    draws: TargetDraws | None,
 ) -> dict[str, torch.Tensor]:
     """EK-FAC's second pass over one batch: ``Σ_i Σ_k (Q_Sᵀ G_ik Q_A)²`` and counts per layer.
 
@@ -279,7 +280,7 @@ def correction_statistics(
         stats[f"{b.info.name}/corrections_count"] = torch.zeros((), dtype=F64, device=device)
     n = task.num_examples(batch)
     with LayerCapture(layers, batch_size=n) as cap:
-        losses = fisher_losses(model, task, batch, fisher_type, num_samples, generator)
+        losses = fisher_losses(model, task, batch, fisher_type, num_samples, draws)
         for k, loss in enumerate(losses):
             cap.backward(loss, retain_graph=k < len(losses) - 1)
             for name in cap.output_grads:
