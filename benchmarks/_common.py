@@ -118,3 +118,46 @@ def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet ``BasicBlock``: two 3×3 convolutions (no bias) with BatchNorm, and a
+    1×1 strided projection on the shortcut when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18`` layout (ImageNet stem: 7×7 stride-2 conv, 3×3 stride-2 max
+    pool; four stages of two BasicBlocks) with configurable widths (default 64-512). At 32×32
+    inputs the stages run at 8, 4, 2 and 1 pixels, so the last stage's 3×3 convolutions see
+    1×1 maps: their K-FAC input factors are zero outside the centre taps (issue 16)."""
+
+    def __init__(self, widths=(64, 128, 256, 512), classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages, c_in = [], widths[0]
+        for i, width in enumerate(widths):
+            stages.append(nn.Sequential(BasicBlock(c_in, width, 1 if i == 0 else 2), BasicBlock(width, width, 1)))
+            c_in = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(c_in, classes)
+
+    def forward(self, x):
+        x = torch.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.mean(dim=(2, 3)))

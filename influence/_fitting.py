@@ -23,10 +23,11 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from ._loader import iterate_batches
 from ._progress import current, logger, timed, track
-from .distributed import all_reduce_statistics, rank_and_world, shard
+from .distributed import all_gather_counts, all_reduce_statistics, rank_and_world, shard
 from .curvature._base import check_finite_statistics
 from .exceptions import InfluenceError
 from .params import ParameterLayout, parameter_fingerprint
@@ -64,12 +65,28 @@ def _save_checkpoint(path: str, key: str, stats, batches: int, complete: bool) -
     save_tensors(path, stats or {}, {"kind": "fit-checkpoint", "key": key, "batches": batches, "complete": complete})
 
 
+def _first_global_index(local: Iterable[Any], task, model: nn.Module) -> int:
+    """The global index of this rank's first training example: the number of examples in the
+    shards of the ranks before it (shards are contiguous and in rank order). Counted without
+    reading data for the DataLoader shards :func:`~influence.distributed.shard` makes and for
+    lists of batches in memory; any other shard is read once more to count its examples."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return 0
+    if isinstance(local, DataLoader) and isinstance(local.dataset, Subset) and not local.drop_last:
+        count = len(local.dataset)
+    else:
+        count = sum(task.num_examples(b) for b in iterate_batches(local, "train_loader"))
+    return sum(all_gather_counts(count, next(model.parameters()).device)[:rank])
+
+
 def fit_statistics(curvature, model: nn.Module, task, loader: Iterable[Any], layout: ParameterLayout) -> None:
     """Fits ``curvature`` through its statistics protocol (see the module docstring)."""
     options = current()
     directory = options.checkpoint_dir
     local = shard(loader)
     rank, world = rank_and_world()
+    first = _first_global_index(local, task, model) if curvature._draws_per_example() else 0
     name = type(curvature).__name__
     paths = []
     for p in range(curvature._num_passes):
@@ -90,7 +107,7 @@ def fit_statistics(curvature, model: nn.Module, task, loader: Iterable[Any], lay
                     start, offset = offset, offset + task.num_examples(batch)
                     if i < done:
                         continue  # finished before the checkpoint
-                    curvature._begin_batch(p, i, rank)
+                    curvature._begin_batch(p, first + start)
                     s = curvature._batch_statistics(model, task, batch, layout, p)
                     for v in s.values():  # names the examples behind NaN/inf (shard-local indices)
                         check_finite_statistics(v, model, task, batch, layout, start)

@@ -9,7 +9,8 @@ A :class:`Task` reads whatever structure the user's DataLoader yields. Two metho
 
 The ready-made tasks also split the loss into ``outputs = forward(model, batch)`` and
 ``output_loss(outputs, targets, batch)``; curvatures that need the output space (Gauss-Newton,
-the true Fisher with ``sample_targets``) use that split (:class:`OutputTask`).
+the true Fisher with ``sample_targets(outputs, batch, draws)``) use that split
+(:class:`OutputTask`).
 
 Per-example functions are evaluated under ``torch.func.vmap`` with each example presented as a
 batch of one, so a task must not depend on the batch size.
@@ -25,20 +26,32 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .draws import TargetDraws
 from .exceptions import BatchFormatError
 
 
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One class per row of ``logits (..., C)`` drawn from ``softmax(logits)``, shape ``(...)``.
 
-    Inverse-CDF sampling: with the cumulative sums ``F_k = Σ_{j<=k} p_j`` (float64) and
-    ``u ~ U[0, F_{C-1})``, the class is the first ``k`` with ``F_k > u``, so class ``k`` is drawn
-    with probability ``p_k / Σ p`` and a class of probability zero never is. One uniform per
-    row: about 10x cheaper on the CPU than ``torch.multinomial`` (which draws ``C`` exponentials
-    per row) for a 2,048-token vocabulary. ``generator`` must live on ``logits``' device.
+    Inverse-CDF sampling: with the cumulative sums ``F_k = Σ_{j<=k} p_j`` (float64) and one
+    uniform ``u ∈ [0, 1)`` per row (``uniforms``, shape ``(...)``, e.g.
+    :meth:`TargetDraws.uniform <influence.draws.TargetDraws.uniform>`), the class is the first
+    ``k`` with ``F_k > u·F_{C-1}``, so class ``k`` is drawn with probability ``p_k / Σ p`` and a
+    class of probability zero never is. About 10x cheaper on the CPU than
+    ``torch.multinomial`` (which draws ``C`` exponentials per row) for a 2,048-token vocabulary.
+
+    Examples:
+        >>> import torch
+        >>> sample_categorical(torch.tensor([[0.0, 0.0], [0.0, float("-inf")]]), torch.tensor([0.7, 0.7]))
+        tensor([1, 0])
     """
+    if uniforms.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"sample_categorical: uniforms must have the logits' shape without the class "
+            f"dimension, {tuple(logits.shape[:-1])}; got {tuple(uniforms.shape)}."
+        )
     cdf = torch.softmax(logits.detach(), dim=-1).to(torch.float64).cumsum(-1)
-    u = torch.rand(cdf.shape[:-1], generator=generator, dtype=torch.float64, device=cdf.device)
+    u = uniforms.to(device=cdf.device, dtype=torch.float64)
     k = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     return k.clamp_max(logits.shape[-1] - 1)
 
@@ -99,10 +112,15 @@ class OutputTask(Task):
         """Per-example loss ``(B,)`` from outputs and targets."""
 
     @abstractmethod
-    def sample_targets(
-        self, outputs: torch.Tensor, batch: Any, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Targets drawn from the model's predictive distribution at ``outputs``."""
+    def sample_targets(self, outputs: torch.Tensor, batch: Any, draws: TargetDraws) -> torch.Tensor:
+        """Targets drawn from the model's predictive distribution at ``outputs``.
+
+        Take every random number from ``draws`` (:class:`~influence.draws.TargetDraws`: row
+        ``b`` is keyed by example ``b``'s global index), e.g. ``draws.uniform(shape)`` for
+        ``sample_categorical`` or ``draws.normal(shape)``, with ``shape`` the per-example shape
+        of what is drawn: then an example's targets do not depend on the batch size, the
+        number of processes or a resumed fit, and neither does the fit.
+        """
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.output_loss(self.forward(model, batch), self.targets(batch), batch)
@@ -181,8 +199,8 @@ class ClassificationTask(_SupervisedTask):
             )
         return F.cross_entropy(outputs, targets.long(), reduction="none")
 
-    def sample_targets(self, outputs, batch, generator=None):
-        return sample_categorical(outputs, generator)
+    def sample_targets(self, outputs, batch, draws):
+        return sample_categorical(outputs, draws.uniform())
 
     def measurement(self, model, batch):
         if self.measurement_kind == "loss":
@@ -210,9 +228,10 @@ class RegressionTask(_SupervisedTask):
             targets = targets.reshape(outputs.shape)
         return 0.5 * (outputs - targets).pow(2).reshape(outputs.shape[0], -1).sum(-1)
 
-    def sample_targets(self, outputs, batch, generator=None):
-        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype)
-        return outputs.detach() + noise.to(outputs.device)
+    def sample_targets(self, outputs, batch, draws):
+        """``y ~ N(f(x), I)`` (the squared error's predictive distribution), per coordinate."""
+        noise = draws.normal(outputs.shape[1:])
+        return outputs.detach() + noise.to(device=outputs.device, dtype=outputs.dtype)
 
 
 class LanguageModelingTask(OutputTask):
@@ -265,9 +284,11 @@ class LanguageModelingTask(OutputTask):
         )
         return losses.reshape(targets.shape).sum(-1)
 
-    def sample_targets(self, outputs, batch, generator=None):
+    def sample_targets(self, outputs, batch, draws):
+        """One token per target position ``t`` (keyed by ``t``: right padding keeps the keys)."""
         targets = self.targets(batch)
-        sampled = sample_categorical(outputs[:, :-1], generator)
+        logits = outputs[:, :-1]
+        sampled = sample_categorical(logits, draws.uniform(logits.shape[1:-1]))
         return torch.where(targets == -100, targets, sampled)
 
     def token_mask(self, batch) -> torch.Tensor:

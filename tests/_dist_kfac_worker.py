@@ -1,4 +1,5 @@
-"""Worker of the 2-process gloo EK-FAC test (spawned by tests/test_distributed_kfac.py)."""
+"""Worker of the 2-process gloo EK-FAC test (spawned by tests/test_distributed_kfac.py): the
+empirical-Fisher EK-FAC (plain and checkpointed) and true-Fisher EK-FAC and Diagonal fits."""
 
 from __future__ import annotations
 
@@ -42,6 +43,26 @@ def run(out_dir, tag):
     return res
 
 
+def run_true_fisher():
+    """EK-FAC and Diagonal with sampled targets (fisher_type="true", 2 samples), fitted on the
+    DataLoader (split by examples) and on the list of batches (split by batches: rank 1's
+    first global index is counted from rank 0's batches)."""
+    from influence import EKFAC, ClassificationTask, Diagonal, FallbackWarning, InfluenceEstimator
+
+    model, loader, batches, test = make_problem()
+    res = {}
+    for cls in (EKFAC, Diagonal):
+        for name, data in (("loader", loader), ("batches", batches)):
+            est = InfluenceEstimator(cls(damping=0.1, num_samples=2, seed=5), ClassificationTask(), score_dtype=torch.float64)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FallbackWarning)
+                est.fit(model, data)
+            tag = f"true/{cls.__name__}/{name}"
+            res.update({f"{tag}/{k}": v for k, v in est.curvature_.statistics_.items()})
+            res[f"{tag}/pairwise"] = est.pairwise_scores(test)
+    return res
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from influence import EKFAC
 
@@ -58,6 +79,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         EKFAC._batch_statistics = counting
         res = run(out_dir, "dist")
         res["seen"] = torch.tensor(seen)
+        EKFAC._batch_statistics = original
+        res.update(run_true_fisher())
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         # both ranks done before either tears gloo down: a rank destroying its process group
         # while the other still has a collective in flight aborted (SIGABRT) once in ~20 runs

@@ -35,3 +35,13 @@ def test_bench_scoring_smoke(tmp_path):
             if isinstance(row, dict) and "exact-materialised" not in key and "LoGra" not in key and "bf16" not in key:
                 assert row["pearson_vs_exact"] > 0.99, key
     assert (tmp_path / "bench_scoring_smoke.md").exists()
+
+
+@pytest.mark.slow
+def test_bench_kfac_resnet_smoke(tmp_path):
+    import bench_kfac_resnet
+
+    out = bench_kfac_resnet.run(smoke=True, out_dir=tmp_path)
+    widest = {row["factor"]: row for row in out["widest_factors"]}
+    assert widest["layer4.1.conv1/A"]["non_zero_rows"] <= 16  # 3x3 conv over 1x1 maps: centre taps
+    assert (tmp_path / "bench_kfac_resnet_smoke.md").exists()

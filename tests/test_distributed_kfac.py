@@ -1,4 +1,6 @@
-"""Two gloo processes fit the same EK-FAC (factors, corrections, scores) as one process."""
+"""Two gloo processes fit the same EK-FAC (factors, corrections, scores) as one process, with
+the empirical Fisher and with sampled targets (true Fisher: the draws are keyed by the global
+example index, so the ranks draw what one process draws)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ def test_two_gloo_processes_fit_the_same_ekfac_as_one_process(tmp_path):
     init = tmp_path / "init"
     mp.spawn(_dist_kfac_worker.worker, args=(2, str(init), str(tmp_path)), nprocs=2, join=True)
     single = _dist_kfac_worker.run(str(tmp_path), "single")
+    single.update(_dist_kfac_worker.run_true_fisher())
     assert int(single["num_examples"]) == _dist_worker.N_TRAIN
     assert single["coverage"].tolist() == [False, True]  # "0.weight" -> diagonal, "2" -> kronecker
     for rank in range(2):

@@ -129,11 +129,16 @@ def test_baselines_cpu_cuda_parity(name, model, task, loader, baseline):
 
 
 def test_true_fisher_sampling_on_cuda():
-    """True-Fisher targets drawn on the device with a device generator follow the softmax."""
+    """True-Fisher targets drawn on the device follow the softmax; the keyed uniforms (integer
+    hashing) are bit-identical on the CPU and the GPU."""
+    from influence.draws import TargetDraws
     from influence.tasks import sample_categorical
 
+    keyed = TargetDraws(3, torch.arange(200_000, device="cuda"), stream=(1, 0))
+    u = keyed.uniform((2,))
+    assert u.is_cuda and torch.equal(u.cpu(), TargetDraws(3, torch.arange(200_000), stream=(1, 0)).uniform((2,)))
     logits = torch.tensor([0.0, 1.0, -1.0, 2.0, float("-inf")], device="cuda")
-    draws = sample_categorical(logits.expand(200_000, 5), torch.Generator(device="cuda").manual_seed(0))
+    draws = sample_categorical(logits.expand(200_000, 5), u[:, 0])
     assert draws.is_cuda and int((draws == 4).sum()) == 0
     freq = torch.bincount(draws, minlength=5).double().cpu() / draws.numel()
     torch.testing.assert_close(freq, torch.softmax(logits.double().cpu(), -1), rtol=0, atol=5e-3)

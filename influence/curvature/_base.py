@@ -23,7 +23,6 @@ from .._params_base import ParamsMixin, check_is_fitted
 from ..exceptions import NonFiniteGradientError
 from ..params import ParameterLayout, ParamSpec, select_parameters
 from ..tasks import Task
-from ._fisher import batch_seed
 
 
 def check_damping(damping: Any, owner: str) -> float:
@@ -167,15 +166,20 @@ class Curvature(ParamsMixin, ABC):
             "(_batch_statistics and _finalize)."
         )
 
-    def _begin_batch(self, pass_index: int, batch_index: int, rank: int) -> None:
-        """Called by the fit driver before each batch's statistics. A curvature that samples
-        during its fit (true-Fisher targets, from ``self._generator``) has its generator
-        reseeded from ``(seed, pass, rank, batch)``: a batch's draws then do not depend on the
-        batches before it, so a resumed fit draws exactly what the uninterrupted one drew, and
-        the ranks of a distributed fit draw independent streams."""
-        generator = getattr(self, "_generator", None)
-        if generator is not None:
-            generator.manual_seed(batch_seed(self.seed, pass_index, rank, batch_index))
+    def _draws_per_example(self) -> bool:
+        """True when the fit draws random numbers keyed by each example's global index
+        (true-Fisher targets): the driver then passes global indices to :meth:`_begin_batch`,
+        counting the examples of the ranks before this one."""
+        return False
+
+    def _begin_batch(self, pass_index: int, example_offset: int) -> None:
+        """Called by the fit driver before each batch's statistics with the index of the
+        batch's first example: its global position in the training loader (all ranks
+        counted) when :meth:`_draws_per_example`, else its position in this rank's shard. A
+        curvature that samples keys its draws on ``_example_offset + b`` for the batch's
+        example ``b`` (:class:`~influence.draws.TargetDraws`), so they depend neither on the
+        batching, nor on the number of processes, nor on where a resumed fit restarted."""
+        self._example_offset = example_offset
 
     def _finalize(self, statistics: dict[str, torch.Tensor], layout: ParameterLayout, pass_index: int) -> None:
         """Sets the fitted state from the statistics summed over all batches (and ranks)."""

@@ -8,17 +8,24 @@ For per-example losses ``ℓ(z) = L(f(x), y)`` the Fisher of the **mean** traini
 - ``"true"``: targets drawn from the model's predictive distribution by
   :meth:`~influence.tasks.OutputTask.sample_targets` (per token for language models),
   ``num_samples`` draws per example, averaged. Its expectation is ``Exact(curvature_type="ggn")``
-  for cross-entropy and squared error. Draws come from a ``torch.Generator`` seeded with
-  ``seed``, so a fit is reproducible.
+  for cross-entropy and squared error. The random numbers are keyed, not streamed
+  (:class:`~influence.draws.TargetDraws`): sample ``k`` of the example at global index ``i`` in
+  pass ``p`` (EK-FAC's second pass draws anew) uses the numbers keyed
+  ``(seed, (p, k), i, position)``, so a fit is reproducible and does not depend on the batch
+  size, the number of processes or where a resumed fit restarted (to float rounding). Within
+  a pass, every statistic of an example (K-FAC's factors and the diagonal fallback) sees the
+  same targets.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..draws import TargetDraws
 from ..exceptions import InfluenceError
 from ..gradients.functional import per_sample_grads
 from ..params import ParameterLayout
@@ -40,22 +47,37 @@ def check_fisher_options(owner: str, fisher_type: Any, num_samples: Any, task: T
             f"LanguageModelingTask); {type(task).__name__} is not one. Use "
             "fisher_type='empirical' or subclass OutputTask."
         )
+    if fisher_type == "true" and "generator" in inspect.signature(task.sample_targets).parameters:
+        raise InfluenceError(
+            f"{type(task).__name__}.sample_targets(outputs, batch, generator) has the signature of "
+            "an earlier influence's OutputTask. It is now sample_targets(outputs, batch, draws): take "
+            "the random numbers from draws (an influence.draws.TargetDraws keyed by each "
+            "example's global index), e.g. sample_categorical(logits, draws.uniform(shape)) or "
+            "draws.normal(shape) instead of torch.rand/randn(..., generator=generator)."
+        )
 
 
-def make_generator(model: nn.Module, seed: int) -> torch.Generator:
-    """A generator on the model's device, seeded for reproducible target sampling."""
-    device = next(model.parameters()).device
-    return torch.Generator(device=device).manual_seed(int(seed))
+class FisherSampling:
+    """Mixin of the Fisher curvatures (``fisher_type``, ``num_samples``, ``seed``): the targets
+    a batch's statistics use. Put it before the :class:`Curvature` base."""
 
+    fisher_type: str
+    num_samples: int
+    seed: int
 
-def batch_seed(seed: int, *keys: int) -> int:
-    """A seed in ``[0, 2⁶³)`` for one batch, a deterministic mix of ``seed`` and ``keys``
-    (pass, rank, batch index): the fit driver reseeds a sampling curvature's generator with it
-    before each batch (:meth:`Curvature._begin_batch`)."""
-    x = int(seed) % 2**63
-    for k in keys:
-        x = (x * 0x9E3779B97F4A7C15 + int(k) + 1) % 2**63  # golden-ratio multiplier: keys spread
-    return x
+    def _draws_per_example(self) -> bool:
+        return self.fisher_type == "true"
+
+    def _fisher_options(self, model: nn.Module, task: Task, batch: Any, pass_index: int):
+        """``(fisher_type, num_samples, draws)`` for one batch of the fit: ``draws`` keyed by the
+        global indices of the batch's examples (from ``_example_offset``, set by the fit
+        driver's ``_begin_batch``) and the pass; ``None`` for the empirical Fisher."""
+        draws = None
+        if self.fisher_type == "true":
+            device = next(model.parameters()).device
+            index = torch.arange(task.num_examples(batch), device=device) + self._example_offset
+            draws = TargetDraws(self.seed, index, stream=(pass_index,))
+        return self.fisher_type, self.num_samples, draws
 
 
 def fisher_losses(
@@ -64,19 +86,19 @@ def fisher_losses(
     batch: Any,
     fisher_type: str,
     num_samples: int,
-    generator: torch.Generator,
+    draws: TargetDraws | None,
 ) -> list[torch.Tensor]:
     """Per-example losses ``(B,)`` whose gradients' outer products average to the Fisher.
 
     One forward pass; ``"empirical"`` gives ``[task.loss]``, ``"true"`` gives ``num_samples``
-    losses at sampled targets, all sharing that forward's graph.
+    losses at targets sampled with ``draws.substream(k)``, all sharing that forward's graph.
     """
     if fisher_type == "empirical":
         return [task.loss(model, batch)]
     outputs = task.forward(model, batch)
     return [
-        task.output_loss(outputs, task.sample_targets(outputs, batch, generator), batch)
-        for _ in range(num_samples)
+        task.output_loss(outputs, task.sample_targets(outputs, batch, draws.substream(k)), batch)
+        for k in range(num_samples)
     ]
 
 
@@ -101,7 +123,7 @@ def fisher_diagonal_statistics(
     layout: ParameterLayout,
     fisher_type: str,
     num_samples: int,
-    generator: torch.Generator,
+    draws: TargetDraws | None,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ_i Σ_samples ∇ℓ_i ⊙ ∇ℓ_i, count)`` over one batch and ``layout``'s parameters, float64.
@@ -114,16 +136,16 @@ def fisher_diagonal_statistics(
     total = torch.zeros(layout.num_params, dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     if fisher_type == "empirical":
-        draws = [(task, batch)]
+        samples = [(task, batch)]
     else:
         with torch.no_grad():
             outputs = task.forward(model, batch)
         wrapper = _SampledTargets(task)
-        draws = [
-            (wrapper, (batch, task.sample_targets(outputs, batch, generator)))
-            for _ in range(num_samples)
+        samples = [
+            (wrapper, (batch, task.sample_targets(outputs, batch, draws.substream(k))))
+            for k in range(num_samples)
         ]
-    for draw_task, draw_batch in draws:
+    for draw_task, draw_batch in samples:
         G = per_sample_grads(model, draw_task, draw_batch, layout, chunk_size=chunk_size)
         total += G.double().pow(2).sum(0).to(device)
         count += G.shape[0]

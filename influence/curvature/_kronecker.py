@@ -35,8 +35,10 @@ import torch
 from torch import nn
 
 from ..gradients.capture import LayerCapture, LayerInfo
+from ..draws import TargetDraws
 from ..params import ParameterLayout
 from ..tasks import Task
+from ._eigh import factor_eigh
 from ._fisher import fisher_losses
 
 F64 = torch.float64
@@ -98,7 +100,7 @@ def factor_statistics(
     layers: Mapping[str, LayerInfo],
     fisher_type: str,
     num_samples: int,
-    generator: torch.Generator,
+    draws: TargetDraws | None,
 ) -> dict[str, torch.Tensor]:
     """Sums and counts of ``A`` and ``S`` for every layer over one batch (one forward+backward).
 
@@ -115,7 +117,7 @@ def factor_statistics(
     n = task.num_examples(batch)
     mask = token_mask(batch)
     with LayerCapture(dict(layers), batch_size=n) as cap:
-        losses = fisher_losses(model, task, batch, fisher_type, num_samples, generator)
+        losses = fisher_losses(model, task, batch, fisher_type, num_samples, draws)
         for k, loss in enumerate(losses):
             cap.backward(loss, retain_graph=k < len(losses) - 1)
             for name, info in layers.items():
@@ -195,26 +197,25 @@ class KroneckerBlock:
         self.from_matrix(self.unrotate(W), out)
 
 
-def _eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    values, vectors = torch.linalg.eigh(0.5 * (M + M.T))
-    return values.clamp_min(0), vectors
-
-
 def kronecker_blocks(
     stats: Mapping[str, torch.Tensor], layers: Mapping[str, LayerInfo], layout: ParameterLayout
 ) -> list[KroneckerBlock]:
-    """Normalises the summed statistics and eigendecomposes them (float64): K-FAC blocks."""
+    """Normalises the summed statistics and eigendecomposes them (float64): K-FAC blocks.
+
+    The eigendecompositions skip rows and columns that are identically zero and fall back to
+    other drivers when LAPACK fails (:func:`~influence.curvature._eigh.factor_eigh`).
+    """
     blocks = []
     for name, info in layers.items():
         if f"{name}/A" not in stats:  # no statistics for this layer: its curvature is 0
             stats = {**stats, **_zero_statistics(info, "cpu")}
         A = stats[f"{name}/A"] / stats[f"{name}/A_count"].clamp_min(1)
         S = stats[f"{name}/S"] / stats[f"{name}/S_count"].clamp_min(1)
-        lam_S, Q_S = _eigh(S)
+        lam_S, Q_S = factor_eigh(S, name, "S")
         if info.kind == "embedding":
             lam_A, Q_A = A, None
         else:
-            lam_A, Q_A = _eigh(A)
+            lam_A, Q_A = factor_eigh(A, name, "A")
         blocks.append(KroneckerBlock(info, layout, Q_S, Q_A, torch.outer(lam_S, lam_A)))
     return blocks
 
@@ -263,7 +264,7 @@ def correction_statistics(
     blocks: list[KroneckerBlock],
     fisher_type: str,
     num_samples: int,
-    generator: torch.Generator,
+    draws: TargetDraws | None,
 ) -> dict[str, torch.Tensor]:
     """EK-FAC's second pass over one batch: ``Σ_i Σ_k (Q_Sᵀ G_ik Q_A)²`` and counts per layer.
 
@@ -279,7 +280,7 @@ def correction_statistics(
         stats[f"{b.info.name}/corrections_count"] = torch.zeros((), dtype=F64, device=device)
     n = task.num_examples(batch)
     with LayerCapture(layers, batch_size=n) as cap:
-        losses = fisher_losses(model, task, batch, fisher_type, num_samples, generator)
+        losses = fisher_losses(model, task, batch, fisher_type, num_samples, draws)
         for k, loss in enumerate(losses):
             cap.backward(loss, retain_graph=k < len(losses) - 1)
             for name in cap.output_grads:

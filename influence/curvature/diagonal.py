@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ._blocks import BlockCurvature, DiagonalBlock, coverage_report, index_of
-from ._fisher import check_fisher_options, fisher_diagonal_statistics, make_generator
+from ._fisher import FisherSampling, check_fisher_options, fisher_diagonal_statistics
 
 
-class Diagonal(BlockCurvature):
+class Diagonal(FisherSampling, BlockCurvature):
     """``C = diag(F)``, ``F`` the Fisher of the mean loss: ``d = (1/N) Σ_i ∇ℓ_i ⊙ ∇ℓ_i``.
 
     ``fisher_type="empirical"`` uses the data's labels (``d`` is the diagonal of
@@ -46,17 +46,11 @@ class Diagonal(BlockCurvature):
     # Fitting runs the statistics protocol of Curvature (sharded, checkpointed, all-reduced).
     def _fit(self, model, task, loader, layout):
         check_fisher_options(type(self).__name__, self.fisher_type, self.num_samples, task)
-        self._generator = make_generator(model, self.seed)
-        try:
-            super()._fit(model, task, loader, layout)
-        finally:
-            del self._generator
+        super()._fit(model, task, loader, layout)
 
     def _batch_statistics(self, model, task, batch, layout, pass_index):
-        total, count = fisher_diagonal_statistics(
-            model, task, batch, layout, self.fisher_type, self.num_samples, self._generator,
-            chunk_size=self.chunk_size,
-        )
+        options = self._fisher_options(model, task, batch, pass_index)
+        total, count = fisher_diagonal_statistics(model, task, batch, layout, *options, chunk_size=self.chunk_size)
         return {"diagonal/sum": total, "diagonal/count": count}
 
     def _finalize(self, statistics, layout, pass_index):

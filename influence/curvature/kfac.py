@@ -22,11 +22,11 @@ from ._blocks import (
     resolve_fallback,
     warn_fallback,
 )
-from ._fisher import check_fisher_options, fisher_diagonal_statistics, make_generator
+from ._fisher import FisherSampling, check_fisher_options, fisher_diagonal_statistics
 from ._kronecker import correction_statistics, factor_statistics, kronecker_blocks
 
 
-class KFAC(BlockCurvature):
+class KFAC(FisherSampling, BlockCurvature):
     """K-FAC: per layer ``F_l ≈ S ⊗ A`` (Martens & Grosse 2015; Grosse & Martens 2016 for conv).
 
     ``nn.Linear`` (bias as a homogeneous input coordinate, leading dimensions as tokens),
@@ -51,7 +51,8 @@ class KFAC(BlockCurvature):
         damping: ``λ``, absolute, added at solve time.
         fisher_type: ``"true"`` or ``"empirical"``.
         num_samples: sampled targets per example for ``"true"``.
-        seed: seeds the target sampling (reproducible fits).
+        seed: keys the sampled targets, with each example's global index (reproducible fits, the
+            same for any batch size and number of processes).
         fallback: how parameters outside supported layers are covered.
         chunk_size: examples per vmap chunk for the diagonal fallback's per-example gradients.
 
@@ -106,15 +107,11 @@ class KFAC(BlockCurvature):
         # the full loader's first batch, on every rank alike: the plan decides the statistics'
         # keys, which must agree across ranks
         self._plan(model, layout, task=task, batch=next(iterate_batches(loader, "train_loader")))
-        self._generator = make_generator(model, self.seed)
-        try:
-            super()._fit(model, task, loader, layout)
-        finally:
-            del self._generator
+        super()._fit(model, task, loader, layout)
         warn_fallback(owner, model, self.coverage_, self._reasons)
 
     def _batch_statistics(self, model, task, batch, layout, pass_index):
-        options = (self.fisher_type, self.num_samples, self._generator)
+        options = self._fisher_options(model, task, batch, pass_index)
         stats = factor_statistics(model, task, batch, self._layers, *options)
         diagonal = [n for n in layout.names if self._methods[n] == "diagonal"]
         if diagonal:
@@ -243,7 +240,7 @@ class EKFAC(KFAC):
         if pass_index == 0:
             return super()._batch_statistics(model, task, batch, layout, pass_index)
         kron = [b for b in self.blocks_ if b.method == "kronecker"]
-        options = (self.fisher_type, self.num_samples, self._generator)
+        options = self._fisher_options(model, task, batch, pass_index)
         stats = correction_statistics(model, task, batch, kron, *options) if kron else {}
         device = next(model.parameters()).device
         stats["num_examples"] = torch.tensor(float(task.num_examples(batch)), dtype=torch.float64, device=device)
