@@ -22,7 +22,8 @@ inputs and output gradients (``∇W ℓ_b = Σ_t g_bt a_btᵀ``). That is exact 
   whatever the batch); a shared leading 1 is accepted after a third forward confirms that
   expanding it changes no output;
 - **self-check** (``self_check=True``): the hook path's per-example gradients of the first
-  and last example of the real batch, compared parameter by parameter with torch.func's
+  and last example of the real batch, compared parameter by parameter with plain autograd's
+  (each example alone, as torch.func defines them)
   (relative tolerance ``√eps`` of the dtype); a mismatch disqualifies the layer with a
   :class:`~influence.FallbackWarning` naming it.
 
@@ -48,7 +49,7 @@ from ..exceptions import FallbackWarning, InfluenceError
 from ..params import ParameterLayout
 from ..tasks import Task
 from .capture import BatchAxisError, LayerCapture, LayerInfo, layer_grads
-from .functional import check_per_example, per_sample_grads, take_examples
+from .functional import _PerExample, check_per_example, split_batch, take_examples
 
 PROBE_SIZES = (2, 3)
 
@@ -104,8 +105,10 @@ def plan_layers(
         batch: one batch of the data (the first training batch at fit).
         self_check: also compare per-example gradients with torch.func on ``batch``.
     """
-    training = tuple(m.training for m in model.modules())
-    key = (layout.names, tuple(candidates), type(task).__qualname__, repr(task), training, self_check)
+    # structure (module and parameter objects, as re-tying or swapping a module replaces them),
+    # train/eval state, layout, candidates and task: anything a plan depends on but the data
+    structure = tuple((id(m), m.training) for m in model.modules()) + tuple(id(p) for p in model.parameters())
+    key = (structure, layout.names, tuple(candidates), type(task).__qualname__, repr(task), self_check)
     cached = _CACHE.setdefault(model, {})
     if key in cached:
         return cached[key]
@@ -304,7 +307,7 @@ def _self_check(model, task, batch, plan: LayerPlan) -> None:
     names = [p for info in plan.layers.values() for p in (info.weight, info.bias) if p is not None]
     shapes = dict(zip(names, (model.get_parameter(p).shape for p in names)))
     sub_layout = ParameterLayout(tuple(names), tuple(shapes[p] for p in names))
-    exact = sub_layout.unflatten(per_sample_grads(model, task, take_examples(task, batch, torch.tensor(rows)), sub_layout))
+    exact = _autograd_grads(model, task, take_examples(task, batch, torch.tensor(rows)), sub_layout)
     total = math.sqrt(sum(float(exact[p].double().pow(2).sum()) for p in names))
     tol = max(math.sqrt(torch.finfo(exact[names[0]].dtype).eps), 1e-7)
     bad = {}
@@ -321,18 +324,27 @@ def _self_check(model, task, batch, plan: LayerPlan) -> None:
         del plan.layers[name]
         plan.rejected[name] = (
             f"the self-check found its hook-path gradients off by {rel:.2g} (relative) from "
-            "torch.func's on the first batch"
+            "autograd's (each example alone) on the first batch"
         )
     if bad:
         warnings.warn(
             "Self-check: the hook path's per-example gradients of "
             + ", ".join(f"{name!r} (off by {rel:.2g})" for name, rel in bad.items())
-            + " disagree with torch.func's on the first batch; they use the exact torch.func "
-            "path instead (slower). Please report the model: the hook path missed a use of "
-            "their parameters.",
+            + " disagree with autograd's (each example alone) on the first batch; they use the "
+            "exact torch.func path instead (slower). The model mixes examples within a batch "
+            "or uses these parameters in a way the hook path cannot see: please report it.",
             FallbackWarning,
             stacklevel=4,
         )
+
+
+def _autograd_grads(model, task, batch, layout: ParameterLayout) -> dict[str, torch.Tensor]:
+    """Per-example gradients by plain autograd, one example at a time (no torch.func: the
+    reference the hook path must match, without vmap's first-call set-up cost)."""
+    engine = _PerExample(model, task, layout, "loss")
+    leaves, spec, batched, n = split_batch(task, batch)
+    tensors = {p: t.detach() for p, t in layout.tensors(model).items()}
+    return engine.looped(tensors, leaves, spec, batched, n)
 
 
 def _hook_grads(model, task, batch, layers, rows) -> dict[str, torch.Tensor]:
