@@ -35,3 +35,13 @@ def test_bench_scoring_smoke(tmp_path):
             if isinstance(row, dict) and "exact-materialised" not in key and "LoGra" not in key and "bf16" not in key:
                 assert row["pearson_vs_exact"] > 0.99, key
     assert (tmp_path / "bench_scoring_smoke.md").exists()
+
+
+@pytest.mark.slow
+def test_bench_product_modes_smoke(tmp_path):
+    import bench_product_modes
+
+    out = bench_product_modes.run(smoke=True, out_dir=tmp_path)
+    assert {r["curvature_type"] for r in out["rows"]} == {"ggn", "hessian"}
+    assert all(r["max_rel_diff"] < 1e-5 for r in out["rows"])  # the two modes agree
+    assert (tmp_path / "bench_product_modes_smoke.md").exists()
