@@ -167,6 +167,37 @@ class _SupervisedTask(OutputTask):
         return f"{type(self).__name__}(input_key={self.input_key!r}, target_key={self.target_key!r})"
 
 
+def class_indices(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(indices, valid)``: class-index targets as ``long``, and which were whole numbers.
+
+    Float labels must hold whole numbers: ``1.0`` is converted; a non-integer one (``0.7``,
+    NaN) raises :class:`BatchFormatError` naming it, instead of being truncated by ``.long()``.
+    Under torch.func transforms (the per-example vmap) Python cannot read tensor values, so
+    there ``valid`` marks the whole-number labels (``None`` for integer labels) and the caller
+    multiplies the other examples' losses by NaN, so that their gradients are NaN and the
+    library's finiteness checks report them.
+    """
+    if not targets.is_floating_point():
+        return targets.long(), None
+    whole = targets == targets.round()
+    if not torch._C._functorch.is_functorch_wrapped_tensor(targets):
+        if not bool(whole.all()):
+            bad = targets[~whole].flatten()[0].item()
+            raise BatchFormatError(
+                f"ClassificationTask needs class indices as targets, but a {targets.dtype} label "
+                f"is {bad:g}, not a whole number (.long() would silently truncate it). Pass "
+                "integer class indices of shape (B,); for soft labels write a custom OutputTask "
+                "with the loss you intend."
+            )
+        return targets.long(), None
+    return torch.where(whole, targets, torch.zeros_like(targets)).long(), whole
+
+
+def _nan_unless(valid: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """1 where ``valid``, NaN elsewhere: a factor that makes values *and* gradients NaN."""
+    return torch.where(valid, 1.0, torch.nan).to(like.dtype)
+
+
 class ClassificationTask(_SupervisedTask):
     """Cross-entropy classification: ``ℓ = −log softmax(f(x))_y``.
 
@@ -197,7 +228,14 @@ class ClassificationTask(_SupervisedTask):
                 f"ClassificationTask expects model outputs of shape (B, num_classes); got "
                 f"{tuple(outputs.shape)}. Use LanguageModelingTask for sequence outputs."
             )
-        return F.cross_entropy(outputs, targets.long(), reduction="none")
+        if targets.dim() != 1:
+            raise BatchFormatError(
+                f"ClassificationTask expects class-index targets of shape (B,); got "
+                f"{tuple(targets.shape)}. For one-hot labels pass y.argmax(-1)."
+            )
+        indices, valid = class_indices(targets)
+        losses = F.cross_entropy(outputs, indices, reduction="none")
+        return losses if valid is None else losses * _nan_unless(valid, losses)
 
     def sample_targets(self, outputs, batch, draws):
         return sample_categorical(outputs, draws.uniform())
@@ -206,10 +244,11 @@ class ClassificationTask(_SupervisedTask):
         if self.measurement_kind == "loss":
             return self.loss(model, batch)
         logits = self.forward(model, batch)
-        y = self.targets(batch).long()
+        y, valid = class_indices(self.targets(batch))
         correct = logits.gather(-1, y[:, None]).squeeze(-1)
         others = logits.scatter(-1, y[:, None], float("-inf"))
-        return -(correct - torch.logsumexp(others, dim=-1))
+        margin = -(correct - torch.logsumexp(others, dim=-1))
+        return margin if valid is None else margin * _nan_unless(valid, margin)
 
     def __repr__(self) -> str:
         return f"ClassificationTask(measurement={self.measurement_kind!r})"

@@ -98,3 +98,39 @@ class _Wrap(torch.nn.Module):
 
     def forward(self, batch):
         return self.task.loss(self.m, batch)
+
+
+def double_backward_products(model, task, batch, V, kind, names=None):
+    """``(Σ_b C_b) v`` for each row ``v`` of ``V`` by plain reverse-mode autograd on the
+    model's own parameters, one vector at a time (no torch.func, no functional_call).
+
+    Hessian: ``∇⟨∇ℓ, v⟩``. GGN: ``J v = ∇_u ⟨Jᵀu, v⟩`` (``Jᵀu`` is linear in ``u``), then the
+    output Hessian by double backward, then ``Jᵀ`` by one more backward.
+    """
+    names, params = params_of(model, names)
+    sizes = [p.numel() for p in params]
+
+    def split(v):
+        return [x.reshape(p.shape) for x, p in zip(torch.split(v, sizes), params)]
+
+    def flat(gs):
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, params)])
+
+    rows = []
+    if kind == "hessian":
+        grads = torch.autograd.grad(task.loss(model, batch).sum(), params, create_graph=True)
+        for v in V:
+            rows.append(flat(torch.autograd.grad(grads, params, split(v), retain_graph=True, allow_unused=True)))
+        return torch.stack(rows)
+    out = task.forward(model, batch)
+    u = torch.zeros_like(out, requires_grad=True)
+    pulled = torch.autograd.grad(out, params, u, create_graph=True, allow_unused=True)
+    used = [i for i, g in enumerate(pulled) if g is not None]
+    frozen = out.detach().requires_grad_(True)
+    (out_grad,) = torch.autograd.grad(task.output_loss(frozen, task.targets(batch), batch).sum(), frozen, create_graph=True)
+    for v in V:
+        pieces = split(v)
+        (jv,) = torch.autograd.grad([pulled[i] for i in used], u, [pieces[i] for i in used], retain_graph=True)
+        (hjv,) = torch.autograd.grad(out_grad, frozen, jv, retain_graph=True)
+        rows.append(flat(torch.autograd.grad(out, params, hjv, retain_graph=True, allow_unused=True)))
+    return torch.stack(rows)

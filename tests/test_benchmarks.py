@@ -45,3 +45,12 @@ def test_bench_kfac_resnet_smoke(tmp_path):
     widest = {row["factor"]: row for row in out["widest_factors"]}
     assert widest["layer4.1.conv1/A"]["non_zero_rows"] <= 16  # 3x3 conv over 1x1 maps: centre taps
     assert (tmp_path / "bench_kfac_resnet_smoke.md").exists()
+
+
+def test_bench_product_modes_smoke(tmp_path):
+    import bench_product_modes
+
+    out = bench_product_modes.run(smoke=True, out_dir=tmp_path)
+    assert {r["curvature_type"] for r in out["rows"]} == {"ggn", "hessian"}
+    assert all(r["max_rel_diff"] < 1e-5 for r in out["rows"])  # the two modes agree
+    assert (tmp_path / "bench_product_modes_smoke.md").exists()

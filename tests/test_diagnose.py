@@ -51,7 +51,7 @@ def trained():
 
 def test_exact_on_converged_model_raises_no_flag_and_renders(trained, tmp_path):
     model, train, test = trained
-    est = InfluenceEstimator(Exact(damping=1e-3), score_dtype=DT).fit(model, train)
+    est = InfluenceEstimator(Exact(damping=1e-3, curvature_type="hessian"), score_dtype=DT).fit(model, train)
     report = diagnose(est, test, k=5, thresholds={"dominance_share": 1.01})
     assert report.gradient_norm_ratio < 1e-3
     assert report.ihvp["mean_relative_error"] < 1e-8
@@ -115,11 +115,16 @@ def test_reports_large_ihvp_error_for_a_bad_curvature(trained, make):
     assert any(f.startswith("large iHVP error") for f in report.flags)
 
 
-def test_reference_on_last_module_when_parameters_are_many():
+def test_reference_on_last_module_when_parameters_are_many(monkeypatch):
     model = mlp(d_in=3, hidden=(4,), d_out=2)  # 16 + 10 parameters
     x = torch.randn(10, 3, dtype=DT)
     y = torch.arange(10) % 2
     est = InfluenceEstimator(Exact(damping=0.1, curvature_type="ggn"), score_dtype=DT).fit(model, [(x, y)])
+    # with CG: a tight CG on the same curvature (GGN) over all parameters
+    report = diagnose(est, [(x[:4], y[:4])], k=2, max_reference_params=12, compare=None)
+    assert report.ihvp["reference"].startswith("CG(") and report.ihvp["num_params"] == 26
+    assert report.ihvp["mean_relative_error"] < 1e-8
+    monkeypatch.delattr(influence.curvature, "CG")  # without: Exact on the last module block
     report = diagnose(est, [(x[:4], y[:4])], k=2, max_reference_params=12, compare=None)
     assert report.ihvp["scope"] == "subset 2" and report.ihvp["num_params"] == 10
     assert report.ihvp["mean_relative_error"] < 1e-8

@@ -93,12 +93,29 @@ def test_cg_negative_curvature_raises():
     model = zoo.mlp(seed=1)
     x, y = zoo.classification_data(n=12)
     loader, task = [(x, y)], ClassificationTask()
-    smallest = float(torch.linalg.eigvalsh(Exact(damping=0).fit(model, task, loader).matrix_)[0])
+    hessian = Exact(damping=0, curvature_type="hessian").fit(model, task, loader).matrix_
+    smallest = float(torch.linalg.eigvalsh(hessian)[0])
     assert smallest < -1e-3  # the untrained MLP's Hessian is indefinite
-    cg = CG(damping=1e-6, rtol=1e-12, max_iter=500).fit(model, task, loader)
+    cg = CG(damping=1e-6, curvature_type="hessian", rtol=1e-12, max_iter=500).fit(model, task, loader)
     G = torch.randn(3, cg.num_params_, dtype=zoo.DT)
     with pytest.raises(CurvatureError, match=r"Negative curvature: pᵀAp = .* Use curvature_type='ggn'"):
         cg.solve(G)
+
+
+def test_the_default_curvature_is_the_ggn_so_non_convex_models_solve():
+    """The Hessian default made CG fail on this MLP (above); the GGN default is PSD."""
+    import oracles
+
+    model = zoo.mlp(seed=1)
+    x, y = zoo.classification_data(n=12)
+    loader, task = [(x, y)], ClassificationTask()
+    for cls in (CG, LiSSA, Arnoldi, Exact):
+        assert cls().curvature_type == "ggn"
+    exact = Exact(damping=1e-2).fit(model, task, loader)
+    torch.testing.assert_close(exact.matrix_, oracles.dense_ggn(model, task, loader), rtol=1e-10, atol=1e-12)
+    cg = CG(damping=1e-2, rtol=1e-12, max_iter=500).fit(model, task, loader)
+    G = torch.randn(3, cg.num_params_, generator=torch.Generator().manual_seed(0), dtype=zoo.DT)
+    assert rel(cg.solve(G), exact.solve(G)) < 1e-8
 
 
 def test_cg_bad_arguments(logreg):
@@ -220,7 +237,7 @@ def test_arnoldi_errors(logreg):
         arn.solve(G, damping=0.0)
     mlp = zoo.mlp(seed=1)
     x, y = zoo.classification_data(n=12)
-    indefinite = Arnoldi(damping=1e-6, rank=51, num_iters=51).fit(mlp, task, [(x, y)])
+    indefinite = Arnoldi(damping=1e-6, rank=51, num_iters=51, curvature_type="hessian").fit(mlp, task, [(x, y)])
     with pytest.raises(CurvatureError, match=r"indefinite curvature\). Use curvature_type='ggn'"):
         indefinite.solve(torch.randn(1, 51, dtype=zoo.DT))
 
@@ -269,7 +286,7 @@ def test_lissa_auto_scale_retries_when_a_minibatch_diverges():
     loader = [(x, torch.randn(8, dtype=torch.float64)) for x in xs]
     task = influence.RegressionTask()
     lissa = influence.LiSSA(damping=1.0, curvature_type="hessian", depth=400, num_repeats=4).fit(model, task, loader)
-    exact = influence.Exact(damping=1.0).fit(model, task, loader)
+    exact = influence.Exact(damping=1.0, curvature_type="hessian").fit(model, task, loader)
     G = torch.randn(2, 3, dtype=torch.float64)
     first_scale = lissa.scale_for(1.0)
     with pytest.warns(influence.ConvergenceWarning, match="diverged at scale=.*retrying with scale="):

@@ -92,7 +92,7 @@ class CurvatureOperator:
         chunk_size: int | None = None,
         cache_bytes: int = 2**30,
     ):
-        self.curvature_type = check_curvature_type(curvature_type)
+        self.curvature_type = check_curvature_type(curvature_type, task)
         self.cache_bytes = cache_bytes
         self._gradient_cache: list[torch.Tensor] | None = None
         self.model = model

@@ -79,7 +79,9 @@ class Arnoldi(OperatorCurvature):
     Args:
         damping: ``λ``.
         rank: eigenpairs kept (capped at the number of parameters ``P``).
-        curvature_type: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
+        curvature_type: ``"ggn"`` (default, positive semi-definite), ``"hessian"`` (indefinite
+            on non-convex models: needs damping above its most negative eigenvalue) or
+            ``"fisher"``.
         num_iters: Krylov dimension (``None``: ``min(P, 2·rank)``); at least ``rank``.
         off_subspace: ``"damping"`` or ``"zero"``.
         seed: seed of the start vector (and of ``num_samples``).
@@ -103,7 +105,7 @@ class Arnoldi(OperatorCurvature):
         self,
         damping: float = 1e-3,
         rank: int = 20,
-        curvature_type: str = "hessian",
+        curvature_type: str = "ggn",
         num_iters: int | None = None,
         off_subspace: str = "damping",
         seed: int = 0,

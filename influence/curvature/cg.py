@@ -133,8 +133,11 @@ class CG(OperatorCurvature):
     ``solve``, ``last_info_`` holds the per-row :class:`CGInfo`; a
     :class:`~influence.ConvergenceWarning` is emitted when rows hit ``max_iter``.
 
-    The Hessian of a non-convex model is indefinite: CG then meets ``pᵀ(C + λI)p <= 0`` and
-    raises :class:`~influence.CurvatureError`; use ``curvature_type="ggn"`` or more damping.
+    The default, ``curvature_type="ggn"`` (Gauss-Newton ``JᵀHJ``), is positive semi-definite on
+    every model with a convex loss in the outputs (cross-entropy, squared error), as CG needs. The
+    Hessian (``"hessian"``, kept for convex models and comparisons) of a non-convex model is
+    indefinite: CG then meets ``pᵀ(C + λI)p <= 0`` and raises
+    :class:`~influence.CurvatureError`; use ``"ggn"`` or more damping.
 
     Under ``torch.distributed`` (no ``num_samples``) each product sums the ranks' shards
     (:mod:`._operator`), so ``solve`` is a collective: every rank must call it equally often;
@@ -143,7 +146,8 @@ class CG(OperatorCurvature):
 
     Args:
         damping: ``λ``.
-        curvature_type: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
+        curvature_type: ``"ggn"`` (default; needs an :class:`~influence.tasks.OutputTask`),
+            ``"hessian"`` or ``"fisher"`` (empirical Fisher).
         rtol, atol: per-row stopping rule ``‖r‖ <= max(rtol·‖g‖, atol)``.
         max_iter: iteration limit (operator passes).
         preconditioner: ``None``; ``"diagonal"`` (Jacobi with the empirical-Fisher diagonal
@@ -171,7 +175,7 @@ class CG(OperatorCurvature):
     def __init__(
         self,
         damping: float = 1e-3,
-        curvature_type: str = "hessian",
+        curvature_type: str = "ggn",
         rtol: float = 1e-6,
         atol: float = 0.0,
         max_iter: int = 100,

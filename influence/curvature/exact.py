@@ -15,10 +15,12 @@ class Exact(Curvature):
 
     ``curvature_type``:
 
+    - ``"ggn"`` (default): Gauss-Newton ``J_jᵀ H_j J_j``, positive semi-definite; equals the
+      true Fisher for cross-entropy and squared-error tasks. Needs an
+      :class:`~influence.tasks.OutputTask`.
     - ``"hessian"``: ``C_j = ∇²ℓ(z_j)``. May be indefinite on non-convex models; a
-      non-positive-definite ``C + λI`` is reported with its smallest eigenvalue.
-    - ``"ggn"``: Gauss-Newton ``J_jᵀ H_j J_j``, positive semi-definite; equals the true Fisher
-      for cross-entropy and squared-error tasks.
+      non-positive-definite ``C + λI`` is reported with its smallest eigenvalue. Equal to the
+      GGN for a linear model (e.g. logistic regression).
     - ``"fisher"``: empirical Fisher ``∇ℓ(z_j)∇ℓ(z_j)ᵀ`` with the data's labels.
 
     The matrix is built column by column from batched curvature-vector products (``chunk_size``
@@ -43,7 +45,7 @@ class Exact(Curvature):
     def __init__(
         self,
         damping: float = 1e-3,
-        curvature_type: str = "hessian",
+        curvature_type: str = "ggn",
         max_params: int = 5000,
         chunk_size: int | None = 256,
     ):
@@ -53,7 +55,7 @@ class Exact(Curvature):
         self.chunk_size = chunk_size
 
     def _fit(self, model, task, loader, layout):
-        check_curvature_type(self.curvature_type)
+        check_curvature_type(self.curvature_type, task)
         P = layout.num_params
         if P > self.max_params:
             raise CurvatureError(

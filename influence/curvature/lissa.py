@@ -68,7 +68,8 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
 
     Args:
         damping: ``λ`` (``"datainf"`` only with ``variant="paper"``).
-        curvature_type: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (standard variant).
+        curvature_type: ``"ggn"`` (default, positive semi-definite), ``"hessian"`` or
+            ``"fisher"`` (standard variant; the recursion needs ``C + λI`` positive definite).
         depth: recursion steps.
         num_repeats: independent recursions averaged.
         scale: ``s > 0`` or ``"auto"``.
@@ -98,7 +99,7 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
     def __init__(
         self,
         damping: float | str = 1e-3,
-        curvature_type: str = "hessian",
+        curvature_type: str = "ggn",
         depth: int = 1000,
         num_repeats: int = 1,
         scale: float | str = "auto",

@@ -91,7 +91,7 @@ def _ihvp_report(estimator, Q, train, reference, max_params) -> tuple[dict, Curv
     ctype = getattr(cur, "curvature_type", None)
     ctype = ctype if ctype is not None else ("ggn" if isinstance(estimator.task_, OutputTask) else "hessian")
     if estimator.layout_.num_params > max_params and type(cur).__name__ != "CG":
-        tight = _tight_cg(cur.damping)
+        tight = _tight_cg(cur.damping, ctype)
         if tight is not None:  # CG to a tight tolerance on all parameters, when available
             try:
                 ref = tight.fit(estimator.model_, estimator.task_, train, estimator.layout_)
@@ -114,8 +114,9 @@ def _ihvp_report(estimator, Q, train, reference, max_params) -> tuple[dict, Curv
     return _ihvp_row(f"Exact({ctype!r})", sub.num_params, scope, err), ref if full else None
 
 
-def _tight_cg(damping: float) -> Curvature | None:
-    """A ``CG`` curvature (from the registry, when installed) with its tolerances tightened."""
+def _tight_cg(damping: float, curvature_type: str) -> Curvature | None:
+    """A ``CG`` curvature (from the registry, when installed) on ``curvature_type`` with its
+    tolerances tightened."""
     from .. import curvature
 
     CG = getattr(curvature, "CG", None)
@@ -123,7 +124,7 @@ def _tight_cg(damping: float) -> Curvature | None:
         return None
     cg = CG(damping=damping)
     known = cg.get_params(deep=False)
-    tight = {"rtol": 1e-10, "tol": 1e-10, "atol": 0.0, "max_iter": 10_000}
+    tight = {"rtol": 1e-10, "tol": 1e-10, "atol": 0.0, "max_iter": 10_000, "curvature_type": curvature_type}
     return cg.set_params(**{k: v for k, v in tight.items() if k in known})
 
 

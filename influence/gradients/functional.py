@@ -5,7 +5,9 @@ where ``f`` is the task's loss (``objective="loss"``) or measurement. The hot pa
 ``vmap(grad(functional_call))``: each example is presented to the task as a batch of one, so
 results never depend on how the loader batches. Where vmap cannot run the model (data-dependent
 control flow, in-place updates of buffers, ...) the computation falls back to a loop over
-examples, once per model, with a :class:`FallbackWarning` naming the module that failed.
+examples, once per model, with a :class:`FallbackWarning` naming the module that failed, the
+reason and the fix. Operations that vmap runs without a batching rule (slowly, one example at a
+time) are reported once per model and operation, in place of torch's per-call warnings.
 BatchNorm in training mode is refused: its batch statistics mix examples, so a per-example
 gradient is not defined (call ``model.eval()``).
 """
@@ -25,8 +27,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..exceptions import BatchFormatError, FallbackWarning, InfluenceError
 from ..params import ParameterLayout, ParamSpec, select_parameters
 from ..tasks import Task
+from ._transforms import batching_rule_warnings, explain_failure
 
 OBJECTIVES = ("loss", "measurement")
+OUTSIDE_MODULES = "<the task's own code, outside any module>"  # what _failing_module names then
 
 # Models on which vmap failed once: they go straight to the loop afterwards.
 _LOOP_MODELS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -159,7 +163,7 @@ def _failing_module(model: nn.Module, attempt: Callable[[], Any]) -> str:
         for h in handles:
             h.remove()
     if not stack:
-        return "<the task's own code, outside any module>"
+        return OUTSIDE_MODULES
     name = stack[-1]
     return f"{name or '<root>'} ({type(model.get_submodule(name)).__name__})"
 
@@ -203,19 +207,22 @@ def per_sample_grads(
 
     if model not in _LOOP_MODELS:
         try:
-            grads = engine.vmapped(tensors, leaves, spec, batched, chunk_size)
+            with batching_rule_warnings(model, "per-example gradients"):
+                grads = engine.vmapped(tensors, leaves, spec, batched, chunk_size)
         except (BatchFormatError, InfluenceError):
             raise
         except Exception as error:  # vmap could not run this model: find out where, then loop
-            where = _failing_module(
-                model, lambda: engine.vmapped(tensors, leaves, spec, batched, chunk_size)
-            )
+            with batching_rule_warnings(model, "per-example gradients"):
+                where = _failing_module(
+                    model, lambda: engine.vmapped(tensors, leaves, spec, batched, chunk_size)
+                )
             _LOOP_MODELS[model] = where
+            reason, fix = explain_failure(model, error)
             warnings.warn(
-                f"torch.func.vmap cannot compute per-example gradients through module {where} "
-                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Falling back to "
-                "a loop over examples for this model: results are exact but slower. Common "
-                "causes: data-dependent control flow, in-place updates of buffers.",
+                f"Per-example gradients of this {type(model).__name__} fall back to a loop over "
+                f"examples (exact, but slower): torch.func.vmap cannot run module {where} "
+                f"because {reason}." + (f" Fix: {fix}." if fix else "")
+                + " (Reported once per model.)",
                 FallbackWarning,
                 stacklevel=2,
             )
