@@ -47,6 +47,7 @@ def test_bench_kfac_resnet_smoke(tmp_path):
     assert (tmp_path / "bench_kfac_resnet_smoke.md").exists()
 
 
+@pytest.mark.slow
 def test_bench_product_modes_smoke(tmp_path):
     import bench_product_modes
 
