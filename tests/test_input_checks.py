@@ -114,6 +114,9 @@ def test_float_labels_must_be_whole_numbers():
     assert torch.isfinite(G).all(1).tolist() == [True, True, True, False, True]
     torch.testing.assert_close(G[[0, 1, 2, 4]], oracles.loop_grads(model, task.loss, (x, y))[[0, 1, 2, 4]])
     est = InfluenceEstimator(Identity(), task, gradient_method="func").fit(model, [(x, y)])
+    with pytest.raises(BatchFormatError, match="label is 1.5, not a whole number"):
+        est.pairwise_scores([(x, bad)])  # the first-batch check reads the labels outside vmap
+    est = InfluenceEstimator(Identity(), task, gradient_method="func", self_check=False).fit(model, [(x, y)])
     with pytest.raises(NonFiniteGradientError, match=r"1 test example\(s\) at indices \[3\]. Check those examples' inputs and labels"):
         est.pairwise_scores([(x, bad)])
     with pytest.raises(BatchFormatError, match=r"class-index targets of shape \(B,\); got \(5, 3\). For one-hot labels pass y.argmax\(-1\)"):
