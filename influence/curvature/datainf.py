@@ -28,7 +28,9 @@ class DataInf(LayerDampingMixin, OperatorCurvature):
         \frac{g_jᵀ v_l}{λ_l + \lVert g_j \rVert^2}\, g_j\Big)
 
     by Sherman–Morrison on each rank-one term. ``damping="datainf"`` (default) is the study's
-    rule ``λ_l = 0.1 · mean_{j,k} g_{j,l,k}²``; a float applies to every block.
+    rule ``λ_l = 0.1 · mean_{j,k} g_{j,l,k}²``; a float applies to every block. A block whose
+    ``λ_l <= 1e-12 · (λ_l + max_j ‖g_j‖²)`` is numerically singular and raises
+    :class:`~influence.CurvatureError` at solve time.
 
     ``fit`` stores all per-example training gradients (``N × P`` in the parameters' dtype, the
     memory cost of the method) and their block norms; ``solve`` on ``n`` queries is then two
