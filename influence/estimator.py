@@ -183,16 +183,15 @@ class InfluenceEstimator(ParamsMixin):
             logger.warning("%s does not fit through the statistics protocol: checkpoint_dir is not used.", type(curvature).__name__)
         with run_options(checkpoint_dir=directory, checkpoint_every=checkpoint_every):
             fitted = clone(curvature).fit(model, task, train_loader, layout)
+        gradients = GradientComputer(model, task, layout, self.gradient_method, self.chunk_size)
+        state = model_state(model)
         # the fitted state is set only now, all at once: a fit that raises above leaves the
         # estimator exactly as it was (still fitted to the previous model, or unfitted)
-        self.task_ = task
-        self.layout_ = layout
-        self.curvature_ = fitted
-        self.model_ = model
+        self.task_, self.layout_, self.curvature_, self.model_ = task, layout, fitted, model
         self.train_loader_ = train_loader
         self._num_train = None  # counted on first use of num_train_ (no extra loader pass in fit)
-        self.fingerprint_ = model_state(model)
-        self.gradients_ = GradientComputer(model, task, layout, self.gradient_method, self.chunk_size)
+        self.fingerprint_ = state
+        self.gradients_ = gradients
         return self
 
     @property
