@@ -69,9 +69,8 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
     ``num_repeats`` are ignored) and returns ``x_3``. This is not a convergent solver of
     ``(C + λI)⁻¹``; it exists so that the study's numbers can be reproduced. Its convergence is
     checked like the standard variant's (``x_3`` against ``x_2`` and ``x_1``), so it usually
-    warns. With
-    ``damping="datainf"``, ``λ_l = 0.1 · mean(g_l²)`` as in the study; a float applies to every
-    block. It holds all per-example training gradients (``N × P``).
+    warns. With ``damping="datainf"``, ``λ_l = 0.1 · mean(g_l²)`` as in the study; a float
+    applies to every block. It holds all per-example training gradients (``N × P``).
 
     ``matmat`` and ``residual`` use the exact operator ``C + λI`` of ``curvature_type``.
 
@@ -212,9 +211,12 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
                 s *= 4
                 self._auto_factor = getattr(self, "_auto_factor", 1.0) * 4  # later solves too
         x, final_step, half_change = result
-        self._set_info(s, final_step, half_change, "raise depth (several times scale / (smallest "
-                       "eigenvalue + damping)), lower the scale, or add damping; with damping=0 a "
-                       "singular curvature makes the iterate grow without bound")
+        self._set_info(s, final_step, half_change, (
+            f"Its error shrinks like (1 − (smallest eigenvalue + damping)/scale)^step with "
+            f"scale={s:g}: raise depth (to several times scale / (smallest eigenvalue + damping)), "
+            "lower the scale, or add damping; with damping=0 a singular curvature makes the "
+            "iterate grow without bound"
+        ))
         return x.to(G.device)
 
     def _recursion(self, B: torch.Tensor, s: float, damping: float):
@@ -266,9 +268,8 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
                 f"LiSSA has not converged: in {rows} of {final_step.numel()} rows the solution "
                 f"still moves by more than tol={self.tol:g} of its norm (worst: "
                 f"{float(half_change.max()):.3g} over the last half of the {self._steps()} "
-                f"steps, {float(final_step.max()):.3g} in the final step). Its error shrinks like "
-                f"(1 − (smallest eigenvalue + damping)/scale)^step with scale={scale:g}: {advice}. "
-                "Per-row details: last_info_.",
+                f"steps, {float(final_step.max()):.3g} in the final step). {advice}. Per-row "
+                "details: last_info_.",
                 ConvergenceWarning,
                 stacklevel=4,
             )
@@ -287,14 +288,14 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
         for sl in self.slices_:
             g, q = train[:, sl], Q[:, sl]
             lam_l = lam[sl] if isinstance(lam, torch.Tensor) else lam
-            x = iterates = q
+            x = midway = q
             for t in range(PAPER_ITERATIONS):
                 previous, x = x, q + x - ((x @ g.T) @ g / N - lam_l * x)
                 if t + 1 == PAPER_ITERATIONS // 2:
-                    iterates = x
+                    midway = x
             out[:, sl] = x
             step_sq += (x - previous).pow(2).sum(1)
-            half_sq += (x - iterates).pow(2).sum(1)
+            half_sq += (x - midway).pow(2).sum(1)
         self._set_info(1.0, _relative(step_sq.sqrt(), out), _relative(half_sq.sqrt(), out),
                        "variant='paper' runs the study's fixed 3 iterations and is not a "
                        "convergent solver; use variant='standard' for a converged solve")
