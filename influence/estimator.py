@@ -29,9 +29,9 @@ from .distributed import all_gather_cat, all_gather_counts, check_same_model, me
 from ._model_checks import check_deterministic, warn_if_dropout_active
 from .exceptions import ModelChangedError, NonFiniteGradientError
 from .gradients.hooks import GRADIENT_METHODS, GradientComputer
-from .params import ParamSpec, parameter_fingerprint, select_parameters
+from .params import ParamSpec, model_changes, model_state, parameter_fingerprint, select_parameters
 from .scoring import Scorer, ScoringConfig
-from .tasks import ClassificationTask, Task
+from .tasks import ClassificationTask, Task, report_unmeasured, unmeasured_examples
 
 
 def check_finite(G: torch.Tensor, offset: int, what: str) -> None:
@@ -62,10 +62,18 @@ def _staged(stage: str):
     def wrap(method):
         @functools.wraps(method)
         def run(self, *args, **kwargs):
-            if stage == "fit" or getattr(self, "timings_", None) is None:
+            previous = getattr(self, "timings_", None)
+            if stage == "fit" or previous is None:
                 self.timings_ = {}
-            with run_options(progress=self.progress, timings=self.timings_), timed(stage):
-                return method(self, *args, **kwargs)
+            try:
+                with run_options(progress=self.progress, timings=self.timings_), timed(stage):
+                    return method(self, *args, **kwargs)
+            except BaseException:
+                if stage == "fit":  # a failed fit leaves the estimator as it was
+                    self.__dict__.pop("timings_")
+                    if previous is not None:
+                        self.timings_ = previous
+                raise
 
         return run
 
@@ -181,17 +189,18 @@ class InfluenceEstimator(ParamsMixin):
         check_same_model(parameter_fingerprint(model, layout))  # under torch.distributed
         gradients = GradientComputer(model, task, layout, self.gradient_method, self.chunk_size, self.self_check)
         gradients.prepare(first)  # which layers the hook path computes (and the self-check)
-        self.task_ = task
-        self.layout_ = layout
         directory = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         if directory is not None and not curvature._uses_statistics():
             logger.warning("%s does not fit through the statistics protocol: checkpoint_dir is not used.", type(curvature).__name__)
         with run_options(checkpoint_dir=directory, checkpoint_every=checkpoint_every, self_check=self.self_check):
-            self.curvature_ = clone(curvature).fit(model, task, train_loader, layout)
-        self.model_ = model
+            fitted = clone(curvature).fit(model, task, train_loader, layout)
+        state = model_state(model)
+        # the fitted state is set only now, all at once: a fit that raises above leaves the
+        # estimator exactly as it was (still fitted to the previous model, or unfitted)
+        self.task_, self.layout_, self.curvature_, self.model_ = task, layout, fitted, model
         self.train_loader_ = train_loader
         self._num_train = None  # counted on first use of num_train_ (no extra loader pass in fit)
-        self.fingerprint_ = parameter_fingerprint(model, layout)
+        self.fingerprint_ = state
         self.gradients_ = gradients
         return self
 
@@ -222,13 +231,21 @@ class InfluenceEstimator(ParamsMixin):
 
     # ----------------------------------------------------------------------------- gradients
     def _check_model(self, method: str, loader: Iterable[Any] | None = None, stage: str = "query") -> None:
-        """Fitted, same weights as at fit, and (given ``loader``) deterministic on its first batch."""
+        """Raises :class:`ModelChangedError` naming what changed since ``fit``; given
+        ``loader``, also checks that the model is deterministic on its first batch.
+
+        Compares :func:`~influence.params.model_state`: every parameter and persistent
+        floating buffer (attributed or not: all of them shape the gradients, e.g. BatchNorm
+        running statistics) and every module's class and hyperparameters (a swapped
+        activation). ``train()``/``eval()`` and ``requires_grad`` are not part of it.
+        """
         check_is_fitted(self, "curvature_", method)
-        if parameter_fingerprint(self.model_, self.layout_) != self.fingerprint_:
+        changes = model_changes(self.fingerprint_, model_state(self.model_), self.layout_.names)
+        if changes:
             raise ModelChangedError(
-                "The model's attributed parameters changed after fit() (e.g. more training "
-                "steps or loading other weights): the fitted curvature no longer matches. "
-                "Call fit(model, train_loader) again."
+                f"The model changed after fit(): {'; '.join(changes)}. The fitted curvature and "
+                "the scores no longer match it (e.g. more training steps, other weights, other "
+                "layers). Call fit(model, train_loader) again."
             )
         if loader is not None:
             self._check_first_batch(loader, stage)
@@ -238,12 +255,17 @@ class InfluenceEstimator(ParamsMixin):
         first = next(iterate_batches(loader, f"{'test' if stage == 'query' else 'train'}_loader"))
         self._check_deterministic(self.model_, self.task_, first, stage)
 
-    def _gradients(self, loader: Iterable[Any], objective: str, what: str) -> Iterator[torch.Tensor]:
-        """Yields per-example gradient blocks ``(B, P)`` of the loader, checked finite."""
+    def _gradients(
+        self, loader: Iterable[Any], objective: str, what: str, unmeasured: list[int] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Yields per-example gradient blocks ``(B, P)`` of the loader, checked finite; appends
+        the indices of examples with nothing measured (zero gradient) to ``unmeasured``."""
         offset = 0
         for batch in track(iterate_batches(loader, f"{what}_loader"), f"{what} gradients", loader):
             G = self._computer().flat(batch, objective)
             check_finite(G, offset, what)
+            if unmeasured is not None:
+                unmeasured += unmeasured_examples(self.task_, batch, offset, G)
             offset += G.shape[0]
             yield G
 
@@ -251,7 +273,9 @@ class InfluenceEstimator(ParamsMixin):
     def influence_factors(self, test_loader: Iterable[Any]) -> torch.Tensor:
         """Preconditioned query gradients ``(C + λI)⁻¹ ∇m(z_test)``, shape ``(n_test, P)``."""
         self._check_model("influence_factors()", test_loader)
-        blocks = [self.curvature_.solve(G) for G in self._gradients(test_loader, "measurement", "test")]
+        unmeasured: list[int] = []
+        blocks = [self.curvature_.solve(G) for G in self._gradients(test_loader, "measurement", "test", unmeasured)]
+        report_unmeasured(unmeasured, sum(len(b) for b in blocks), "test", strict=True)
         return torch.cat(blocks).to(self.score_dtype)
 
     # ----------------------------------------------------------------------------- scores
@@ -294,18 +318,25 @@ class InfluenceEstimator(ParamsMixin):
         self._check_first_batch(self._train(loader), "training")
         out = []
         if type(self.curvature_) is Identity and self.scoring is None:  # ghost norms
-            lam = self.curvature_._damping(None)
+            lam, offset, unmeasured = self.curvature_._damping(None), 0, []
             for batch in iterate_batches(self._train(loader), "train_loader"):
-                norms = self._computer().compute(batch, "loss").sq_norms().to(self.score_dtype)
+                norms = self._computer().compute(batch, "loss").sq_norms()
+                check_finite(norms, offset, "train")  # as the other paths check their gradients
+                unmeasured += unmeasured_examples(self.task_, batch, offset, norms)
+                offset += norms.shape[0]
+                norms = norms.to(self.score_dtype)
                 out.append(norms / lam if lam else self.curvature_.solve(norms[:, None]))
+            report_unmeasured(unmeasured, offset, "train", strict=False)
             return all_gather_cat(torch.cat(out))  # the ranks' shards
         train, pad = self._train(loader), 0
         if getattr(self.curvature_, "_collective_solve", False):
             # CG under torch.distributed: solve is a collective, so a rank with fewer batches
             # joins the others' remaining solves with no rows (shards are sized)
             pad = max(all_gather_counts(len(train))) - len(train)
-        for G in self._gradients(train, "loss", "train"):
+        unmeasured: list[int] = []
+        for G in self._gradients(train, "loss", "train", unmeasured):
             out.append((self.curvature_.solve(G).to(self.score_dtype) * G.to(self.score_dtype)).sum(1))
+        report_unmeasured(unmeasured, sum(len(o) for o in out), "train", strict=False)
         for _ in range(pad):
             self.curvature_.solve(G[:0])
         return all_gather_cat(torch.cat(out))  # the ranks' shards

@@ -44,6 +44,7 @@ from torch import nn
 from ._atomic import StorageError, atomic_write, check_source
 from ._registry import allowed_class, class_name, decode, describe, encode, rebuild, register_class
 from .exceptions import InfluenceError
+from .params import model_fingerprint, model_state
 
 FORMAT_VERSION = 2
 _META_KEY = "influence"
@@ -221,22 +222,6 @@ def _library_version() -> str:
 
 
 # --------------------------------------------------------------------------------- models
-def model_fingerprint(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per parameter (and floating buffer): shape and value statistics (sum, sum of squares,
-    index-weighted sum, all in float64)."""
-    out = {}
-    with torch.no_grad():
-        named = list(model.named_parameters()) + [
-            (n, b) for n, b in model.named_buffers() if b.is_floating_point()
-        ]
-        for name, t in named:
-            flat = t.detach().reshape(-1).double()
-            w = torch.remainder(torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) * 0.6180339887, 1.0)
-            stats = torch.stack([flat.sum(), (flat * flat).sum(), (flat * w).sum()]).cpu().tolist()
-            out[name] = {"shape": list(t.shape), "stats": stats}
-    return out
-
-
 def compare_fingerprints(saved: dict, current: dict, what: str) -> None:
     """Raises :class:`ModelMismatchError` naming missing, extra, reshaped or changed tensors."""
     problems = []
@@ -297,7 +282,7 @@ def load_estimator(cls, path: str | os.PathLike, model: nn.Module, task=None, cu
     """Implements :meth:`InfluenceEstimator.load`."""
     from ._params_base import clone
     from .curvature import Curvature
-    from .params import ParameterLayout, parameter_fingerprint
+    from .params import ParameterLayout
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be the torch.nn.Module the estimator was fitted on; got {type(model).__name__}.")
@@ -340,7 +325,7 @@ def load_estimator(cls, path: str | os.PathLike, model: nn.Module, task=None, cu
     est.model_ = model
     est.train_loader_ = None
     est.num_train_ = num_train
-    est.fingerprint_ = parameter_fingerprint(model, layout)
+    est.fingerprint_ = model_state(model)
     est.timings_ = {}
     after_load = getattr(est, "_after_load", None)
     if after_load is not None:  # derived fitted state an estimator rebuilds from the above

@@ -20,7 +20,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -188,20 +188,98 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(module_name(name), pattern)
 
 
-def parameter_fingerprint(model: nn.Module, layout: ParameterLayout) -> str:
-    """A cheap digest of the attributed parameters' values (one pass, no copies kept).
+_STATS_CHUNK = 1 << 22  # elements converted to float64 at a time
 
-    Per parameter: its shape, the float64 sum, the sum of squares and an index-weighted sum
-    (which also catches permutations). Used to detect a model changed after ``fit``.
+
+def tensor_stats(t: torch.Tensor) -> list[float]:
+    """``[Σ x, Σ x², Σ w_k x_k]`` of a tensor's values in float64, ``w_k = frac(0.618·k)``.
+
+    The index weights make the digest change under permutations. Computed in chunks of
+    ``2**22`` elements, so no float64 copy of a whole tensor is made.
+    """
+    flat = t.detach().reshape(-1)
+    total = torch.zeros(3, dtype=torch.float64, device=flat.device)
+    with torch.no_grad():
+        for start in range(0, flat.numel(), _STATS_CHUNK):
+            part = flat[start : start + _STATS_CHUNK].double()
+            k = torch.arange(start + 1, start + part.numel() + 1, dtype=torch.float64, device=flat.device)
+            weights = torch.remainder(k * 0.6180339887, 1.0)
+            total += torch.stack([part.sum(), part.dot(part), part.dot(weights)])
+    return total.cpu().tolist()
+
+
+def parameter_fingerprint(model: nn.Module, layout: ParameterLayout) -> str:
+    """A digest of the attributed parameters' names, shapes and :func:`tensor_stats`.
+
+    Keys checkpoints and compares ranks; :func:`model_fingerprint` covers the whole model.
     """
     h = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in layout.tensors(model).items():
-            flat = t.detach().reshape(-1).double()
-            weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
-            weights = torch.remainder(weights * 0.6180339887, 1.0)
-            stats = torch.stack([flat.sum(), (flat * flat).sum(), (flat * weights).sum()])
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(stats.cpu().numpy().tobytes())
+    for name, t in layout.tensors(model).items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(torch.tensor(tensor_stats(t), dtype=torch.float64).numpy().tobytes())
     return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module, persistent_only: bool = False) -> dict[str, dict[str, Any]]:
+    """Per parameter and floating buffer: ``{"shape": [...], "stats": tensor_stats(t)}``.
+
+    ``persistent_only`` leaves out non-persistent buffers (by PyTorch convention caches derived
+    from other state, e.g. rotary tables, which a forward may rebuild). One pass over the
+    values; ``requires_grad`` and ``train()``/``eval()`` do not enter it.
+    """
+    named = list(model.named_parameters())
+    for name, buffer in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if not buffer.is_floating_point():
+            continue
+        if persistent_only and leaf in model.get_submodule(owner)._non_persistent_buffers_set:
+            continue
+        named.append((name, buffer))
+    return {name: {"shape": list(t.shape), "stats": tensor_stats(t)} for name, t in named}
+
+
+def module_signatures(model: nn.Module) -> dict[str, str]:
+    """``{module name: "package.Class(extra_repr)"}`` for every submodule: the architecture,
+    including hyperparameters such as an activation's slope or a convolution's stride."""
+    return {
+        name: f"{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})"
+        for name, m in model.named_modules()
+    }
+
+
+def model_state(model: nn.Module) -> dict[str, dict]:
+    """What :meth:`InfluenceEstimator.fit` records to detect later changes (exactly)."""
+    return {"tensors": model_fingerprint(model, persistent_only=True), "modules": module_signatures(model)}
+
+
+def model_changes(before: dict[str, dict], after: dict[str, dict], attributed: Sequence[str]) -> list[str]:
+    """What differs between two :func:`model_state` records, in words (empty: nothing)."""
+    problems = []
+    old, new = before["tensors"], after["tensors"]
+    params = set(attributed)
+
+    def listing(names: list[str]) -> str:
+        return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+
+    for label, names in (
+        ("missing tensors", [n for n in old if n not in new]),
+        ("new tensors", [n for n in new if n not in old]),
+        ("reshaped tensors", [n for n in old if n in new and old[n]["shape"] != new[n]["shape"]]),
+    ):
+        if names:
+            problems.append(f"{label} {listing(names)}")
+    changed = [n for n in old if n in new and old[n]["shape"] == new[n]["shape"] and old[n]["stats"] != new[n]["stats"]]
+    for label, names in (
+        ("attributed parameters", [n for n in changed if n in params]),
+        ("other parameters and buffers (not attributed, but they shape the gradients)", [n for n in changed if n not in params]),
+    ):
+        if names:
+            problems.append(f"values of {label} {listing(names)}")
+    mods_old, mods_new = before["modules"], after["modules"]
+    swapped = [f"module {n or '<root>'!r} is now {mods_new[n]} (was {mods_old[n]})" for n in mods_old if n in mods_new and mods_old[n] != mods_new[n]]
+    problems += swapped[:3] + (["..."] if len(swapped) > 3 else [])
+    for label, names in (("removed modules", [n for n in mods_old if n not in mods_new]), ("added modules", [n for n in mods_new if n not in mods_old])):
+        if names:
+            problems.append(f"{label} {listing(names)}")
+    return problems

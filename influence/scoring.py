@@ -34,6 +34,7 @@ from ._params_base import ParamsMixin
 from .curvature._base import Curvature
 from .curvature.identity import Identity
 from .gradients.hooks import BatchGrads, GradientComputer, LayerFactors, weight_grads
+from .tasks import report_unmeasured, unmeasured_examples
 
 MODES = ("auto", "materialise", "factored")
 PROJECTIONS = (None, "factored", "dense")
@@ -340,8 +341,11 @@ class Scorer:
     # ------------------------------------------------------------------------ driving
     def query_groups(self, test_loader: Iterable[Any]) -> Iterator[dict]:
         """Yields resident query groups (all queries in one group unless ``max_memory``)."""
-        task = self.computer.task
-        n_total = sum(task.num_examples(b) for b in iterate_batches(test_loader, "test_loader"))
+        task, n_total, unmeasured = self.computer.task, 0, []
+        for batch in iterate_batches(test_loader, "test_loader"):  # counts, and finds empty queries
+            unmeasured += unmeasured_examples(task, batch, n_total)
+            n_total += task.num_examples(batch)
+        report_unmeasured(unmeasured, n_total, "test", strict=True)
         pending, count, size = [], 0, None
         for batch in track(iterate_batches(test_loader, "test_loader"), "test gradients", test_loader):
             with timed("influence_factors"):

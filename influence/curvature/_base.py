@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._params_base import ParamsMixin, check_is_fitted
-from ..exceptions import NonFiniteGradientError
+from ..exceptions import CurvatureError, NonFiniteGradientError
 from ..params import ParameterLayout, ParamSpec, select_parameters
 from ..tasks import Task
 
@@ -32,6 +32,83 @@ def check_damping(damping: Any, owner: str) -> float:
     if not math.isfinite(damping) or damping < 0:
         raise ValueError(f"{owner}: damping must be a finite float >= 0; got {damping!r}.")
     return float(damping)
+
+
+#: ``C + λI`` counts as singular when its smallest eigenvalue is at most this fraction of its
+#: largest. The spectra are computed in float64, where an eigenvalue below ~``n·ε₆₄·λ_max``
+#: (``ε₆₄ ≈ 2.2e-16``, ``n`` up to a few thousand) cannot be told apart from zero, and a solve
+#: with such a condition number amplifies the rounding of its input (``ε₃₂ ≈ 6e-8`` for float32
+#: gradients) by over ``10¹²`` in the weakest directions. The threshold does not depend on the
+#: gradients' dtype: in a score ``∇mᵀ x`` the amplified rounding meets the training gradient's
+#: own rounding in those directions, so float32 scores stay accurate to about
+#: ``ε₃₂² / RCOND ≈ 4e-3`` at worst (measured: 5e-5 relative to float64 for K-FAC and EK-FAC at
+#: ``damping = 2e-12 × λ_max`` on the singular MLP of tests/test_numerics_guards.py).
+RCOND = 1e-12
+
+
+def check_conditioning(
+    smallest: float,
+    largest: float,
+    damping: float,
+    owner: str,
+    curvature_type: str = "fisher",
+    mean: float | None = None,
+) -> None:
+    """Raises :class:`CurvatureError` when ``C + λI`` is not safely invertible.
+
+    Args:
+        smallest, largest: the extreme eigenvalues of the **undamped** ``C``.
+        damping: ``λ``, added here.
+        owner: names the curvature in the message (e.g. ``"EKFAC"``).
+        curvature_type: ``"hessian"`` (may be indefinite: a negative eigenvalue is reported as
+            such, with the advice to use the Gauss-Newton) or a positive semi-definite type
+            (``"ggn"``, ``"fisher"``: a negative ``smallest`` is rounding on a singular ``C``).
+        mean: the mean eigenvalue ``trace(C)/P``; the message then suggests ``0.1 × mean``,
+            the damping heuristic of kronfluence and of DataInf.
+
+    The test is ``λ_min + λ <= RCOND · (λ_max + λ)`` (:data:`RCOND` ``= 1e-12``); the message
+    gives the smallest damping that passes it.
+
+    Examples:
+        >>> check_conditioning(0.5, 2.0, 0.0, "Demo")  # well conditioned: returns None
+        >>> check_conditioning(0.0, 2.0, 0.0, "Demo")
+        Traceback (most recent call last):
+        ...
+        influence.exceptions.CurvatureError: Demo: C + damping·I at damping=0 is singular: its smallest eigenvalue is 0. Use damping > 2e-12 (larger values are more stable).
+    """
+    low, high = smallest + damping, largest + damping
+    if low > RCOND * high:
+        return
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise CurvatureError(
+            f"{owner}: the fitted curvature has non-finite eigenvalues ({smallest}, {largest}). "
+            "Fit it again on finite data."
+        )
+    needed = max((RCOND * largest - smallest) / (1 - RCOND), 0.0)
+    if high <= 0 and low >= 0:
+        state = "is zero: there is nothing to invert"
+    elif low < 0 and curvature_type == "hessian":
+        state = f"is not positive definite: C's smallest eigenvalue is {smallest:.3g}"
+    elif low < 0:
+        state = (
+            f"is singular: C's smallest eigenvalue is {smallest:.3g}, and as the "
+            f"{curvature_type} is positive semi-definite, that is rounding on a singular matrix"
+        )
+    elif low == 0:
+        state = "is singular: its smallest eigenvalue is 0"
+    else:
+        state = (
+            f"is numerically singular: its smallest eigenvalue {low:.3g} is at most "
+            f"{RCOND:g} x its largest {high:.3g}, so a solve would amplify rounding errors "
+            f"by over {1 / RCOND:.0e}"
+        )
+    advice = f"Use damping > {needed:.2g} (larger values are more stable"
+    if mean is not None and 0.1 * mean > needed:
+        advice += f"; 0.1 x the mean eigenvalue, {0.1 * mean:.2g}, is a common choice"
+    advice += ")"
+    if curvature_type == "hessian" and low < 0:
+        advice += ", or curvature_type='ggn' (always positive semi-definite)"
+    raise CurvatureError(f"{owner}: C + damping·I at damping={damping:g} {state}. {advice}.")
 
 
 def check_instance(obj: Any, kind: type, argument: str) -> None:

@@ -19,9 +19,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..exceptions import CurvatureError, FallbackWarning
+from .._params_base import check_is_fitted
+from ..exceptions import FallbackWarning
 from ..params import ParameterLayout, module_name
-from ._base import Curvature
+from ._base import Curvature, check_conditioning
 
 FALLBACK_METHODS = ("diagonal", "identity")
 
@@ -35,7 +36,10 @@ def index_of(layout: ParameterLayout, names: list[str] | tuple[str, ...]) -> tor
 
 
 class DiagonalBlock:
-    """``C_b = diag(d)`` on coordinates ``index``; ``d`` is a Fisher diagonal (``>= 0``)."""
+    """``C_b = diag(d)`` on coordinates ``index``; ``d`` is a Fisher diagonal (``>= 0``).
+
+    Like every block it exposes ``eigenvalues``, the spectrum of ``C_b`` (here ``d``).
+    """
 
     method = "diagonal"
 
@@ -44,8 +48,9 @@ class DiagonalBlock:
         self.index = index
         self.diagonal = diagonal
 
-    def min_eigenvalue(self) -> float:
-        return float(self.diagonal.min()) if self.diagonal.numel() else float("inf")
+    @property
+    def eigenvalues(self) -> torch.Tensor:
+        return self.diagonal
 
     def apply(self, X: torch.Tensor, out: torch.Tensor, damping: float, inverse: bool) -> None:
         idx = self.index.to(X.device)
@@ -179,14 +184,20 @@ class BlockCurvature(Curvature):
         """Sets the fitted state from saved ``statistics_`` (see :meth:`_load_state`)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement _restore.")
 
+    def eigenvalue_summary(self) -> tuple[float, float, float]:
+        """Smallest, largest and mean eigenvalue of the (undamped) block-diagonal ``C``."""
+        check_is_fitted(self, "blocks_", "eigenvalue_summary()")
+        spectra = [b.eigenvalues for b in self.blocks_ if b.eigenvalues.numel()]
+        if not spectra:
+            return 0.0, 0.0, 0.0
+        summary = torch.stack([torch.stack([s.min(), s.max(), s.sum()]).double() for s in spectra])
+        count = sum(s.numel() for s in spectra)
+        return float(summary[:, 0].min()), float(summary[:, 1].max()), float(summary[:, 2].sum()) / count
+
     def _apply(self, X: torch.Tensor, damping: float, inverse: bool) -> torch.Tensor:
-        if inverse and damping == 0:
-            smallest = min(block.min_eigenvalue() for block in self.blocks_)
-            if smallest <= 0:
-                raise CurvatureError(
-                    f"{type(self).__name__} with damping=0 is singular: its smallest "
-                    f"eigenvalue is {smallest:.3g}. Use damping > 0."
-                )
+        if inverse:  # relative to the whole spectrum: blocks are solved in one product
+            smallest, largest, mean = self.eigenvalue_summary()
+            check_conditioning(smallest, largest, damping, type(self).__name__, "fisher", mean)
         # products in the vectors' precision (float64 stays float64; lower precisions run in
         # float32): the eigenbases are float64, but rotating a float32 gradient in float64
         # gains nothing over the rounding already in it and costs ~2x on CPU, far more on GPUs

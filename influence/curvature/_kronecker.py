@@ -152,9 +152,6 @@ class KroneckerBlock:
         self.bias = slices[info.bias] if info.bias else None
         self.Q_S, self.Q_A, self.eigenvalues = Q_S, Q_A, eigenvalues
 
-    def min_eigenvalue(self) -> float:
-        return float(self.eigenvalues.min())
-
     def to_matrix(self, X: torch.Tensor) -> torch.Tensor:
         """``(n, P) → (n, d_out, d_in')``."""
         n, info = X.shape[0], self.info

@@ -30,11 +30,23 @@ def block_slices(layout: ParameterLayout, blocks: str, owner: str) -> list[slice
     return list(table.values())
 
 
-def training_gradients(model, task, loader, layout, chunk_size=None) -> torch.Tensor:
-    """All per-example training gradients ``(N, P)`` of the loader, in the parameters' dtype."""
-    return torch.cat(
-        [per_sample_grads(model, task, b, layout, chunk_size) for b in iterate_batches(loader, "loader")]
-    )
+def training_gradients(model, task, loader, layout, chunk_size=None, what: str = "train") -> torch.Tensor:
+    """All per-example training gradients ``(N, P)`` of the loader, in the parameters' dtype.
+
+    Raises:
+        NonFiniteGradientError: naming the training examples (``what`` examples, in loader
+            order) with NaN/inf gradients, at fit time (later they would poison every solve and
+            be blamed on the queries).
+    """
+    from ..estimator import check_finite
+
+    blocks, offset = [], 0
+    for batch in iterate_batches(loader, "loader"):
+        G = per_sample_grads(model, task, batch, layout, chunk_size)
+        check_finite(G, offset, what)
+        offset += G.shape[0]
+        blocks.append(G)
+    return torch.cat(blocks)
 
 
 def datainf_damping(G: torch.Tensor, slices: list[slice]) -> torch.Tensor:

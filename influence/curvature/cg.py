@@ -137,7 +137,9 @@ class CG(OperatorCurvature):
     every model with a convex loss in the outputs (cross-entropy, squared error), as CG needs. The
     Hessian (``"hessian"``, kept for convex models and comparisons) of a non-convex model is
     indefinite: CG then meets ``pᵀ(C + λI)p <= 0`` and raises
-    :class:`~influence.CurvatureError`; use ``"ggn"`` or more damping.
+    :class:`~influence.CurvatureError`; use ``"ggn"`` or more damping. With the positive
+    semi-definite ``"ggn"`` and ``"fisher"`` the same error means ``C + λI`` is numerically
+    singular (e.g. ``damping=0``): the message then asks for more damping.
 
     Under ``torch.distributed`` (no ``num_samples``) each product sums the ranks' shards
     (:mod:`._operator`), so ``solve`` is a collective: every rank must call it equally often;
@@ -243,11 +245,18 @@ class CG(OperatorCurvature):
                 precondition=self._precondition(damping),
             )
         except CurvatureError as error:
-            raise CurvatureError(
-                f"CG({self.curvature_type!r}, damping={damping:g}): {error} The "
-                f"{self.curvature_type} is indefinite here (typical of non-convex models). Use "
-                "curvature_type='ggn' (always positive semi-definite) or a larger damping."
-            ) from None
+            if self.curvature_type == "hessian":
+                why = (
+                    "The hessian is indefinite here (typical of non-convex models). Use "
+                    "curvature_type='ggn' (always positive semi-definite) or a larger damping."
+                )
+            else:
+                why = (
+                    f"The {self.curvature_type} is positive semi-definite, so C + damping·I is "
+                    "numerically singular at this damping and rounding made pᵀAp negative. Use "
+                    "a larger damping."
+                )
+            raise CurvatureError(f"CG({self.curvature_type!r}, damping={damping:g}): {error} {why}") from None
         self.last_info_ = info
         failed = int((~info.converged).sum())
         if failed:

@@ -6,7 +6,8 @@ import torch
 
 from ..distributed import all_gather_cat
 from ..exceptions import CurvatureError
-from ._layerwise import LayerDampingMixin, block_slices, datainf_damping, training_gradients
+from ._base import check_conditioning
+from ._layerwise import DATAINF, LayerDampingMixin, block_slices, datainf_damping, training_gradients
 from ._operator import OperatorCurvature
 
 
@@ -27,7 +28,9 @@ class DataInf(LayerDampingMixin, OperatorCurvature):
         \frac{g_jᵀ v_l}{λ_l + \lVert g_j \rVert^2}\, g_j\Big)
 
     by Sherman–Morrison on each rank-one term. ``damping="datainf"`` (default) is the study's
-    rule ``λ_l = 0.1 · mean_{j,k} g_{j,l,k}²``; a float applies to every block.
+    rule ``λ_l = 0.1 · mean_{j,k} g_{j,l,k}²``; a float applies to every block. A block whose
+    ``λ_l <= 1e-12 · (λ_l + max_j ‖g_j‖²)`` is numerically singular and raises
+    :class:`~influence.CurvatureError` at solve time.
 
     ``fit`` stores all per-example training gradients (``N × P`` in the parameters' dtype, the
     memory cost of the method) and their block norms; ``solve`` on ``n`` queries is then two
@@ -77,7 +80,12 @@ class DataInf(LayerDampingMixin, OperatorCurvature):
     def _fit(self, model, task, loader, layout):
         self.slices_ = block_slices(layout, self.blocks, "DataInf")
         operator = self._make_operator(model, task, loader, layout)
-        grads = training_gradients(model, task, operator.loader, layout, self.chunk_size)
+        what = "train"
+        if self.num_samples is not None:
+            what = "train (numbered within the num_samples subsample)"
+        elif operator.sharded:
+            what = "train (numbered within this rank's shard)"
+        grads = training_gradients(model, task, operator.loader, layout, self.chunk_size, what)
         # under torch.distributed each rank computes its shard's gradients; gathered in rank
         # order (contiguous shards), every rank holds all of them in loader order
         self.train_grads_ = all_gather_cat(grads) if operator.sharded else grads
@@ -86,22 +94,32 @@ class DataInf(LayerDampingMixin, OperatorCurvature):
             self.train_grads_[:, sl].double().pow(2).sum(1) for sl in self.slices_
         ]
 
-    def _block_damping(self, damping, sl: slice) -> float:
+    def _block_damping(self, damping, sl: slice, sq_norms: torch.Tensor) -> float:
+        """``λ_l`` of block ``sl``, checked against the block's rank-one systems.
+
+        Each term ``g_j g_jᵀ + λ_l I`` that Sherman–Morrison inverts has eigenvalues ``λ_l`` and
+        ``λ_l + ‖g_j‖²``; the block is refused when ``λ_l <= 1e-12 · (λ_l + max_j ‖g_j‖²)``
+        (:func:`~influence.curvature._base.check_conditioning`, per block: blocks are solved
+        independently, each with its own damping).
+        """
         lam = self._coordinate_damping(damping)
         value = float(lam[sl.start]) if isinstance(lam, torch.Tensor) else float(lam)
         if value <= 0:
+            why = " (with 'datainf', its training gradients are all zero)" if damping == DATAINF else ""
             raise CurvatureError(
                 f"DataInf divides by the damping, but block [{sl.start}:{sl.stop}] has damping "
-                f"{value:g} (with 'datainf', its training gradients are all zero). Use a float "
-                "damping > 0."
+                f"{value:g}{why}. Use a float damping > 0."
             )
+        largest = float(sq_norms.max()) if sq_norms.numel() else 0.0
+        mean = float(sq_norms.mean()) / (sl.stop - sl.start) if sq_norms.numel() else None
+        check_conditioning(0.0, largest, value, f"DataInf block [{sl.start}:{sl.stop}]", "fisher", mean)
         return value
 
     def _blocks(self, G, damping):
         train = self.train_grads_
         Q = G.to(train.device, torch.float64)
         for sl, sq in zip(self.slices_, self.block_sq_norms_):
-            yield sl, Q[:, sl], train[:, sl].double(), sq, self._block_damping(damping, sl)
+            yield sl, Q[:, sl], train[:, sl].double(), sq, self._block_damping(damping, sl, sq)
 
     def _solve(self, G, damping):
         out = torch.empty(G.shape, dtype=torch.float64, device=self.train_grads_.device)
