@@ -59,20 +59,26 @@ def main():
     ).fit(model, train_loader)
     print(f"fitted {type(estimator.curvature_).__name__} on {estimator.curvature_.num_params_} parameters")
 
+    flipped_set = set(flipped.tolist())
+
+    def describe(j):
+        """A training example, marked when its label was flipped on purpose."""
+        return f"#{j} (label {int(y[j])}{', FLIPPED' if j in flipped_set else ''})"
+
     helpful_v, helpful_i = estimator.top_k(test_loader, k=3)
     harmful_v, harmful_i = estimator.top_k(test_loader, k=3, largest=False)
+    print("\nFLIPPED marks the 12 training labels flipped on purpose: harmful examples are often them.")
     for q in range(3):
-        print(f"\nquery {q}: x={x_test[q].tolist()}, label {int(y_test[q])}")
+        print(f"\nquery {q}: x={[round(v, 2) for v in x_test[q].tolist()]}, label {int(y_test[q])}")
         for name, values, idx in (("helpful", helpful_v, helpful_i), ("harmful", harmful_v, harmful_i)):
-            items = ", ".join(
-                f"#{int(j)} (label {int(y[j])}, score {float(v):+.3g})" for v, j in zip(values[q], idx[q])
-            )
+            items = ", ".join(f"{describe(int(j))} {float(v):+.3g}" for v, j in zip(values[q], idx[q]))
             print(f"  most {name}: {items}")
 
     self_influence = estimator.self_scores()
-    suspects = torch.topk(self_influence, 12).indices
-    found = len(set(suspects.tolist()) & set(flipped.tolist()))
-    print(f"\nself-influence: {found} of the 12 flipped labels are among the 12 highest-scoring examples")
+    suspects = torch.topk(self_influence, 12).indices.tolist()
+    found = len(set(suspects) & flipped_set)
+    print(f"\nhighest self-influence: {', '.join(describe(j) for j in suspects[:6])}, ...")
+    print(f"self-influence: {found} of the 12 flipped labels are among the 12 highest-scoring examples")
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 

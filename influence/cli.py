@@ -1,16 +1,4 @@
-"""The ``influence`` command.
-
-``influence demo`` reproduces, in miniature and on a CPU, the experiments of Li, Zhao, Li &
-Sun, "Do Influence Functions Work on Large Language Models?" (arXiv 2409.19998): a tiny LM
-pretrained on a generated corpus, LoRA fine-tuning on three task families, and attribution
-by every available method. It prints the results and writes a report folder.
-
-Examples::
-
-    influence demo                       # everything, default size (minutes on 2 CPU cores)
-    influence demo --quick               # a tiny run (less data, shorter pretraining)
-    influence demo --task harmful --methods identity exact repsim --epochs 5 --out report
-"""
+"""The ``influence`` command (``influence demo``: the study in miniature; see :data:`DEMO_HELP`)."""
 
 from __future__ import annotations
 
@@ -18,6 +6,21 @@ import argparse
 import dataclasses
 import sys
 from typing import Sequence
+
+DEMO_HELP = """\
+Reproduces, in miniature and on a CPU, the experiments of Li, Zhao, Li & Sun, "Do Influence
+Functions Work on Large Language Models?" (arXiv 2409.19998): a tiny language model
+pretrained on a generated corpus, LoRA fine-tuning on three task families (harmful data,
+class attribution, backdoor), and attribution by every available method, scored by Acc,
+Cover and AUC. It prints the tables and writes a report folder (report.md, results.json,
+plots). Nothing is downloaded."""
+
+DEMO_EXAMPLES = """\
+examples:
+  influence demo --quick      a tiny run first (under a minute on 2 CPU cores)
+  influence demo              everything at the default size (a few minutes on 2 cores)
+  influence demo --task harmful --methods identity exact repsim --epochs 5 --out report
+"""
 
 
 def _demo_parser(sub) -> None:
@@ -27,12 +30,12 @@ def _demo_parser(sub) -> None:
 
     d = DemoConfig()
     p = sub.add_parser("demo", help="the study in miniature: tiny LM + LoRA, three task families",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DEMO_HELP, epilog=DEMO_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", nargs="+", choices=tuple(FAMILIES), default=None, metavar="TASK",
                    help=f"task families to run (default: all: {' '.join(FAMILIES)})")
     p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None, metavar="METHOD",
-                   help=f"attribution methods (default: all: {' '.join(METHODS)}; those missing "
-                   "from this install are reported as unavailable)")
+                   help=f"attribution methods (default: all: {' '.join(METHODS)})")
     p.add_argument("--epochs", type=int, default=None, help=f"fine-tuning epochs (default {d.epochs})")
     p.add_argument("--scale", type=float, default=None,
                    help=f"fraction of the study's per-class counts (default {d.scale}; 1 = study size)")
@@ -49,10 +52,15 @@ def _demo_parser(sub) -> None:
                    "busy shared machine)")
     p.add_argument("--lora", choices=("builtin", "peft"), default="builtin",
                    help="LoRA implementation: the built-in wrapper (default) or peft (optional)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data, the pretraining and the fine-tuning (default 0)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny run: smaller data, fewer epochs, short pretraining")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    bars = p.add_mutually_exclusive_group()
+    bars.add_argument("--progress", dest="progress", action="store_true", default=None,
+                      help="show progress bars (default: only when stderr is a terminal)")
+    bars.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="never show progress bars")
 
 
 def demo_config(args: argparse.Namespace):
@@ -91,8 +99,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    results = run_demo(config, cache_dir=args.cache, progress=not args.no_progress,
-                       log=tqdm.write)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    results = run_demo(config, cache_dir=args.cache, progress=progress, log=tqdm.write)
     print()
     print(summary(results))
     out = write_report(results, args.out)
@@ -104,7 +112,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``influence`` console script."""
     parser = argparse.ArgumentParser(prog="influence", description="Training-data attribution "
-                                     "with influence functions.")
+                                     "with influence functions. Run 'influence demo --help'.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     _demo_parser(sub)
     args = parser.parse_args(argv)

@@ -101,6 +101,66 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+INFLUENCE_METHODS = ("exact", "datainf", "lissa", "lissa_paper", "cg", "arnoldi", "kfac", "ekfac")
+
+
+def _mean_metric(results: dict, method: str, key: str) -> float | None:
+    values = [t["methods"][method][key] for t in results["tasks"]
+              if t["methods"].get(method, {}).get("status") == "ok" and t["methods"][method].get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def conclusions(results: dict) -> list[str]:
+    """A few sentences that read the tables: baseline vs influence functions, iHVP errors,
+    chance levels, and how quality moved with fine-tuning (computed from ``results``)."""
+    out = []
+    n = len(results["tasks"])
+    chance = sum(t["chance"] for t in results["tasks"]) / max(n, 1)
+    acc = {m: _mean_metric(results, m, "acc") for m in _methods_run(results)}
+    acc = {m: v for m, v in acc.items() if v is not None}
+    if acc:
+        best = max(acc, key=acc.get)
+        out.append(f"Averaged over the {n} task(s), the best Acc is {best}'s {acc[best]:.2f} "
+                   f"(chance {chance:.2f}).")
+    influence = {m: v for m, v in acc.items() if m in INFLUENCE_METHODS}
+    if influence and "repsim" in acc:
+        top = max(influence, key=influence.get)
+        if acc["repsim"] > influence[top]:
+            verdict = ("as in the study, the representation-similarity baseline beats every "
+                       "influence-function method here")
+        else:
+            verdict = ("unlike the study, an influence-function method matches or beats the "
+                       "representation-similarity baseline here")
+        out.append(f"RepSim averages Acc {acc['repsim']:.2f} against {influence[top]:.2f} for the "
+                   f"best influence-function method ({top}): {verdict}.")
+    if "identity" in acc and influence:
+        top = max(influence, key=influence.get)
+        out.append(f"Plain gradient similarity (identity) averages {acc['identity']:.2f}: the "
+                   f"curvature {'adds' if influence[top] > acc['identity'] else 'adds nothing'} "
+                   "over it at this scale.")
+    errors = {}
+    for t in results["tasks"]:
+        for m, e in t["ihvp_error"].items():
+            errors.setdefault(m, []).append(e["relative_error"])
+    if errors:
+        ranked = sorted(errors, key=lambda m: sum(errors[m]) / len(errors[m]))
+        parts = [f"{m} {sum(errors[m]) / len(errors[m]):.2f}" for m in ranked]
+        out.append("Mean relative iHVP error against the exact inverse: " + ", ".join(parts)
+                   + ". Large errors with good Acc (or the reverse) mean the ranking does not "
+                   "hinge on solving the system exactly, the study's first finding.")
+    moved = []
+    for t in results["tasks"]:
+        pts = [h["methods"]["identity"]["acc"] for h in t["epochs"]
+               if h.get("methods", {}).get("identity", {}).get("status") == "ok"]
+        if len(pts) > 1:
+            moved.append(f"{t['task']} {pts[0]:.2f} → {pts[-1]:.2f}")
+    if moved:
+        out.append("Identity's Acc from the first checkpoint to the last epoch: " + "; ".join(moved)
+                   + " (see the epochs table and plot: quality need not improve as fine-tuning "
+                   "converges, the study's second finding).")
+    return out
+
+
 def summary(results: dict) -> str:
     """The terminal summary: the three metric tables, iHVP errors, methods that failed."""
     parts = []
@@ -124,7 +184,16 @@ def write_report(results: dict, out: str | Path) -> Path:
     md = ["# influence demo: the study in miniature", "",
           f"Total time {results['seconds']:.0f} s. Base model: {results['pretrain']['num_params']:,} "
           "parameters. Ground truth: a training example explains a query when it has the "
-          "query's class. Scores on the LoRA parameters; positive = helpful.", ""]
+          "query's class. Scores on the LoRA parameters; positive = helpful.", "",
+          "## What the tables show", "",
+          "**Acc**: the fraction of queries whose top-scored training example has the query's "
+          "class; **Cover**: the same-class fraction of the top k (k = the class size); **AUC**: "
+          "how well scores separate same-class from other training examples (0.5 = chance). "
+          "Each is compared with its chance level in the same row.", ""]
+    md += [f"- {line}" for line in conclusions(results)] + [""]
+    if _can_plot():
+        md += ["![Acc by task and method](acc_by_method.png)", "",
+               "![Acc vs fine-tuning epochs](quality_vs_epochs.png)", ""]
     for key, title in (("acc", "Acc"), ("cover", "Cover"), ("auc", "AUC")):
         md += [f"## {title}", "", markdown_table(results_table(results, key)), ""]
     md += ["## Seconds per method (fit + scoring, after fine-tuning)", "",
@@ -145,18 +214,27 @@ def write_report(results: dict, out: str | Path) -> Path:
     return out
 
 
-def _plots(results: dict, out: Path) -> None:
+def _can_plot() -> bool:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def _plots(results: dict, out: Path) -> None:
+    if not _can_plot():
         return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (integer epoch ticks)
+
     methods = [m for m in _methods_run(results)
                if any(t["methods"].get(m, {}).get("status") == "ok" for t in results["tasks"])]
     tasks = results["tasks"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(tasks), 3.6))
+    fig, ax = plt.subplots(figsize=(2.6 + 1.3 * len(tasks), 3.8))
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
         ys = [t["methods"].get(m, {}).get("acc", float("nan")) for t in tasks]
@@ -167,23 +245,34 @@ def _plots(results: dict, out: Path) -> None:
                   rotation=20)
     ax.set_ylabel("Acc (top-1)")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Acc: does the top training example have the query's class?", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(out / "acc_by_method.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for i, t in enumerate(tasks):  # one color per task, one line style per method
-        for m, style in (("identity", "-"), ("repsim", "--")):
+    cols = min(3, max(1, len(tasks)))
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.8 + 2.6 * rows), squeeze=False, sharey=True)
+    for ax, t in zip(axes.flat, tasks):  # one panel per task, a marker and style per method
+        for m, style, marker in (("identity", "-", "o"), ("repsim", "--", "s")):
             pts = [(h["epoch"], h["methods"][m]["acc"]) for h in t["epochs"]
                    if h.get("methods", {}).get(m, {}).get("status") == "ok"]
             if pts:
-                ax.plot(*zip(*pts), style, color=f"C{i % 10}", marker="o",
-                        label=f"{t['task']} {m}")
-    ax.set_xlabel("fine-tuning epoch")
-    ax.set_ylabel("Acc (top-1)")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+                ax.plot(*zip(*pts), style, marker=marker, label=m)
+        ax.axhline(t["chance"], color="k", lw=0.8, ls=":", label="chance")
+        ax.set_title(t["task"], fontsize=9)
+        ax.set_xlabel("fine-tuning epoch", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("Acc (top-1)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.suptitle("Attribution quality (Acc) vs fine-tuning epochs", fontsize=9, y=0.99)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=3,
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.84))
     fig.savefig(out / "quality_vs_epochs.png", dpi=120)
     plt.close(fig)
