@@ -91,8 +91,29 @@ def test_unknown_names_are_refused():
 def test_cli_demo(tmp_path, capsys):
     code = main(["demo", "--task", "math", "--methods", "identity", "repsim", "cg", "--epochs", "1",
                  "--scale", "0.02", "--queries", "4", "--pretrain-steps", "5", "--cache", str(tmp_path),
-                 "--out", str(tmp_path / "out"), "--no-progress"])
+                 "--out", str(tmp_path / "out")])
     assert code == 0
-    printed = capsys.readouterr().out
-    assert "Acc" in printed and "report written" in printed
-    assert (tmp_path / "out" / "report.md").exists()
+    captured = capsys.readouterr()
+    assert "Acc" in captured.out and "report written" in captured.out
+    assert "\r" not in captured.err  # stderr is not a terminal: no progress bars by default
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## What the tables show" in report and "RepSim averages Acc" in report
+    if (tmp_path / "out" / "acc_by_method.png").exists():
+        assert "](acc_by_method.png)" in report and "](quality_vs_epochs.png)" in report
+
+
+def test_cli_help_is_plain_text_and_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "::" not in text  # no raw reST
+    assert "examples:" in text and "influence demo --quick" in text
+    import argparse
+
+    from influence.cli import _demo_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    _demo_parser(sub)
+    actions = [a for a in sub.choices["demo"]._actions if a.option_strings]
+    assert {"--quick", "--seed", "--progress", "--no-progress"} <= {o for a in actions for o in a.option_strings}
+    assert all(a.help and a.help.strip() for a in actions), [a.option_strings for a in actions if not a.help]
