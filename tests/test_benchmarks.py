@@ -55,3 +55,15 @@ def test_bench_product_modes_smoke(tmp_path):
     assert {r["curvature_type"] for r in out["rows"]} == {"ggn", "hessian"}
     assert all(r["max_rel_diff"] < 1e-5 for r in out["rows"])  # the two modes agree
     assert (tmp_path / "bench_product_modes_smoke.md").exists()
+
+
+@pytest.mark.slow
+def test_bench_tied_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    import bench_tied
+
+    out = bench_tied.run(smoke=True, out_dir=tmp_path)
+    (result,) = out["results"].values()
+    assert max(result["max_rel_err_vs_all_func"].values()) < 1e-5 and result["self_scores_max_rel_err"] < 1e-5
+    assert result["func_layout"] is None and result["coverage_wte"]["path"] == "hooks"  # no vmap pass
+    assert (tmp_path / "bench_tied_smoke.md").exists()

@@ -1,5 +1,7 @@
 """The hook path equals torch.func and the loop oracle in float64 (MLP, CNN, LM with padding)."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -202,3 +204,213 @@ def test_conv_geometries_grouped_and_patch_paths(kw, twice):
     # the patches made on demand give the same gradients and ghost products
     torch.testing.assert_close(bg.dot(bg), ref @ ref.T, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(bg.sq_norms(), ref.pow(2).sum(1), rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------- tied weights
+class TiedLM(nn.Module):
+    """``emb (padding_idx 0) → tanh(fc) → head`` with ``head.weight is emb.weight`` (a registered
+    tie, as in GPT-2 and nanoGPT). ``twice``: the head is also applied to ``tanh(h)`` (a member
+    called twice); ``seq_first``: the body and the head run sequence-first ``(T, B, d)``."""
+
+    def __init__(self, vocab=7, d=3, twice=False, seq_first=False):
+        super().__init__()
+        self.twice, self.seq_first = twice, seq_first
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids.T if self.seq_first else input_ids)
+        h = torch.tanh(self.fc(h))
+        logits = self.head(h) + (self.head(torch.tanh(h)) if self.twice else 0)
+        return logits.transpose(0, 1) if self.seq_first else logits
+
+
+class SharedSquare(nn.Module):
+    """Two Linear layers sharing one weight, each with its own (attributed) bias, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+class SharedConv(nn.Module):
+    """Two Conv2d sharing one weight (the first called once: raw-input path; the second twice:
+    patch path), mean pool, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.b(torch.tanh(self.b(h))))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def _seeded(cls, **kw):
+    torch.manual_seed(0)
+    return cls(**kw).double().eval()
+
+
+def tied_cases():
+    LM, CLS = LanguageModelingTask(), ClassificationTask()
+    yield "emb_linear", _seeded(TiedLM), LM, zoo.lm_batch(n=5, T=6, vocab=7), "emb", "tied: contributions of emb (Embedding) and head (Linear) summed"
+    yield "emb_linear_twice", _seeded(TiedLM, twice=True), LM, zoo.lm_batch(n=4, T=5, vocab=7, seed=1), "emb", None
+    yield "emb_linear_seq_first_B_eq_T", _seeded(TiedLM, seq_first=True), LM, zoo.lm_batch(n=6, T=6, vocab=7, seed=2), "emb", None
+    x, y = zoo.classification_data(n=5)
+    yield "linear_linear", _seeded(SharedSquare), CLS, (x, y), "first", "tied: contributions of first (Linear) and second (Linear) summed"
+    img, lab = zoo.image_data(n=4)
+    yield "conv_conv", _seeded(SharedConv), CLS, (img, lab % 2), "a", None
+
+
+TIED = list(tied_cases())
+
+
+@pytest.mark.parametrize("name,model,task,batch,owner,reason", TIED, ids=[c[0] for c in TIED])
+def test_tied_weights_are_summed_on_the_hook_path(name, model, task, batch, owner, reason, monkeypatch):
+    """A registered tie stays on the hook path (the contributions of every module holding the
+    weight, summed): flat/sq_norms/dot equal torch.func and the autograd loop, and no
+    torch.func pass runs at all."""
+    layout = select_parameters(model)
+    ref = per_sample_grads(model, task, batch, layout)
+    torch.testing.assert_close(ref, loop_grads(model, task.loss, batch), rtol=1e-10, atol=1e-12)
+    comp = GradientComputer(model, task, layout, method="hooks")
+
+    def no_vmap(*args, **kwargs):
+        raise AssertionError("a torch.func pass ran although every parameter is on the hook path")
+
+    monkeypatch.setattr("influence.gradients.hooks.per_sample_grads", no_vmap)
+    bg = comp.compute(batch)
+    assert comp.func_layout is None and comp.ties
+    G = bg.flat()
+    torch.testing.assert_close(G, ref, rtol=1e-10, atol=1e-12)
+    n = task.num_examples(batch)
+    torch.testing.assert_close(bg.flat(out=torch.full((n, layout.num_params), float("nan"), dtype=torch.float64)), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bg.dot(bg), ref @ ref.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bg.sq_norms(), ref.pow(2).sum(1), rtol=1e-10, atol=1e-12)
+    entry = comp.coverage()[owner]
+    assert entry["path"] == "hooks" and entry["reason"].startswith("tied: contributions of"), entry
+    if reason is not None:
+        assert entry["reason"] == reason
+    if name == "linear_linear":  # the follower's own bias: summed with the tie, reported with it
+        assert comp.coverage()["second"] == {**entry, "parameters": ("second.bias",), "num_params": 4}
+    assert comp.plan.self_checked
+
+
+def test_tied_and_func_parameters_share_the_dense_block():
+    """A tie (summed on the hook path) next to a parameter only torch.func computes: both in
+    ``rest`` in layout order, the torch.func pass restricted to the latter."""
+    model = _seeded(TiedLM)
+    model.register_parameter("scale", nn.Parameter(torch.tensor(1.5, dtype=torch.float64)))
+    model.forward = lambda input_ids, attention_mask=None: TiedLM.forward(model, input_ids) * model.scale
+    task, batch = LanguageModelingTask(), zoo.lm_batch(n=4, T=5, vocab=7)
+    layout = select_parameters(model)
+    comp = GradientComputer(model, task, layout)
+    G = comp.flat(batch)
+    torch.testing.assert_close(G, loop_grads(model, task.loss, batch, list(layout.names)), rtol=1e-10, atol=1e-12)
+    assert comp.func_layout.names == ("scale",)
+    assert comp.rest_layout.names == tuple(n for n in layout.names if n in ("emb.weight", "scale"))
+    bg = comp.compute(batch)
+    torch.testing.assert_close(bg.dot(bg), G @ G.T, rtol=1e-10, atol=1e-12)
+
+
+class _FunctionalToo(TiedLM):
+    """The registered tie plus a functional use of the same weight (``h @ emb.weight.T``)."""
+
+    def forward(self, input_ids, attention_mask=None):
+        h = torch.tanh(self.fc(self.emb(input_ids)))
+        return self.head(h) + h @ self.emb.weight.T
+
+
+class _FrozenFollowerBias(TiedLM):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3, 7)
+        self.head.weight = self.emb.weight
+        self.head.bias.requires_grad_(False)
+
+
+class _SharedInputFollower(TiedLM):
+    """A second layer holding the tied weight runs on an input shared by the batch (leading 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Linear(3, 7, bias=False)
+        self.side.weight = self.emb.weight
+
+    def forward(self, input_ids, attention_mask=None):
+        h = torch.tanh(self.fc(self.emb(input_ids)))
+        return self.head(h) + self.side(torch.ones(1, 1, 3, dtype=h.dtype))
+
+
+class _MixedBeforeHead(TiedLM):
+    """Mixes the examples of a batch before the tied head: no probe sees it, the self-check of
+    the summed gradient does."""
+
+    def forward(self, input_ids, attention_mask=None):
+        h = torch.tanh(self.fc(self.emb(input_ids)))
+        return self.head(h + h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize(
+    "cls,why",
+    [
+        (_FunctionalToo, r"used by <root> \(_FunctionalToo\) via \.T \(tied or functional use\)"),
+        (_FrozenFollowerBias, r"tied with head \(Linear\), whose bias head.bias is not attributed"),
+        (_SharedInputFollower, r"tied with side \(Linear\), whose batch axis is not traced: its input is shared by the batch"),
+    ],
+)
+def test_ties_the_hook_path_cannot_sum_go_to_func(cls, why):
+    model = _seeded(cls)
+    task, batch = LanguageModelingTask(), zoo.lm_batch(n=4, T=5, vocab=7)
+    layout = select_parameters(model)
+    comp = GradientComputer(model, task, layout)
+    G = comp.flat(batch)
+    torch.testing.assert_close(G, loop_grads(model, task.loss, batch, list(layout.names)), rtol=1e-10, atol=1e-12)
+    entry = comp.coverage()["emb"]
+    assert entry["path"] == "func" and re.search(why, entry["reason"]), entry
+    assert not comp.ties and "emb.weight" in comp.func_layout.names
+
+
+def test_self_check_compares_the_summed_gradient():
+    from influence.exceptions import FallbackWarning
+
+    model = _seeded(_MixedBeforeHead)
+    task, batch = LanguageModelingTask(), zoo.lm_batch(n=4, T=5, vocab=7)
+    layout = select_parameters(model)
+    comp = GradientComputer(model, task, layout)
+    with pytest.warns(FallbackWarning, match=r"Self-check: .*'emb' \(off by"):
+        G = comp.flat(batch)
+    entry = comp.coverage()["emb"]
+    assert entry["path"] == "func" and "self-check" in entry["reason"]
+    torch.testing.assert_close(G, loop_grads(model, task.loss, batch, list(layout.names)), rtol=1e-10, atol=1e-12)
+
+
+def test_stock_gpt2_runs_no_torch_func_pass(monkeypatch):
+    """Stock GPT-2 with every parameter attributed: ``wte`` (tied to ``lm_head``) is summed on
+    the hook path, so no vmap pass runs; the gradients equal the autograd loop."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=13, n_positions=12, n_embd=8, n_layer=1, n_head=2,
+                                     bos_token_id=1, eos_token_id=1, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    task, batch = LanguageModelingTask(), zoo.lm_batch(n=4, T=6, vocab=13, labels=True)
+    layout = select_parameters(model)
+    monkeypatch.setattr("influence.gradients.hooks.per_sample_grads", lambda *a, **k: pytest.fail("torch.func pass"))
+    comp = GradientComputer(model, task, layout)
+    G = comp.flat(batch)
+    assert comp.func_layout is None and comp.rest_layout.names == ("transformer.wte.weight",)
+    torch.testing.assert_close(G, loop_grads(model, task.loss, batch, list(layout.names)), rtol=1e-9, atol=1e-12)
+    assert comp.coverage()["transformer.wte"]["reason"] == "tied: contributions of transformer.wte (Embedding) and lm_head (Linear) summed"

@@ -265,8 +265,9 @@ def test_tied_weights_fall_back_to_the_exact_diagonal():
     model = _Tied().to(DT).eval()
     batch = {"input_ids": torch.randint(0, 5, (3, 4))}
     task = LanguageModelingTask()
-    with pytest.warns(FallbackWarning, match=r"emb \(Embedding, its weight is also used by head \(Linear\) via linear \(tied or functional use\)"):
+    with pytest.warns(FallbackWarning, match=r"emb \(Embedding, weight tied with head \(Linear\): per-example gradients summed on the hook path; no Kronecker block for a tied weight"):
         cur = KFAC(fisher_type="empirical").fit(model, task, [batch])
     assert cur.coverage_ == {"emb": {"method": "diagonal", "parameters": ("emb.weight",), "num_params": 15,
-                                     "reason": "its weight is also used by head (Linear) via linear (tied or functional use)"}}
+                                     "reason": "weight tied with head (Linear): per-example gradients summed on the hook path; "
+                                               "no Kronecker block for a tied weight"}}
     torch.testing.assert_close(cur.blocks_[0].diagonal, torch.diagonal(dense_fisher(model, task, [batch])))

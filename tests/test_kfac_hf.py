@@ -40,7 +40,7 @@ def test_ekfac_covers_gpt2_conv1d_and_its_corrections_equal_the_naive_projection
         assert name + " " not in message
     falling = sorted(k for k, v in cur.coverage_.items() if v["method"] != "kronecker")
     assert falling == ["transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.ln_f", "transformer.wte"]
-    assert "transformer.wte (Embedding, its weight is also used by lm_head (Linear)" in message  # tied
+    assert "transformer.wte (Embedding, weight tied with lm_head (Linear): per-example gradients summed" in message
     G = loop_grads(model, task.loss, batch, list(cur.layout_.names))
     kron = [b for b in cur.blocks_ if b.method == "kronecker"]
     assert {b.info.name for b in kron} == set(CONV1D) | {"transformer.wpe"}

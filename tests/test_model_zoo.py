@@ -12,6 +12,8 @@ module tie and a functional tie, a module called twice) gets:
   why the others do not (tied weights, no batch axis);
 - an EK-FAC fit whose ``coverage_`` names the same reasons.
 
+Registered ties (GPT-2's and nanoGPT's ``wte`` with ``lm_head``) take the hook path with the
+contributions of every layer holding the weight summed; the functional tie takes torch.func.
 Before the layer plan (influence.gradients.plan), GPT-2's tied ``wte``, the sequence-first
 layers at B == T, nanoGPT's ``wpe(arange(T))`` at B == T and the functional tie all gave wrong
 scores without a word.
@@ -216,14 +218,15 @@ def image_data(n, seed):
     return torch.randn(n, 3, 32, 32, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
 
 
-# (id, model builder, task, data builder, {module: expected gradient path (and axis)})
+# (id, model builder, task, data builder, {module: expected gradient path (and axis, and the
+# reason of a tie summed on the hook path)})
 LM, CLS = LanguageModelingTask(), ClassificationTask()
 CASES = [
-    ("gpt2_sdpa", lambda: hf_gpt2("sdpa"), LM, lm_data, {"transformer.wte": "func", "transformer.wpe": ("hooks", None), "transformer.h.0.attn.c_attn": ("hooks", 0)}),
-    ("gpt2_eager", lambda: hf_gpt2("eager"), LM, lm_data, {"transformer.wte": "func", "transformer.wpe": ("hooks", None)}),
+    ("gpt2_sdpa", lambda: hf_gpt2("sdpa"), LM, lm_data, {"transformer.wte": ("hooks", 0, "tied: contributions of transformer.wte (Embedding) and lm_head (Linear) summed"), "transformer.wpe": ("hooks", None), "transformer.h.0.attn.c_attn": ("hooks", 0)}),
+    ("gpt2_eager", lambda: hf_gpt2("eager"), LM, lm_data, {"transformer.wte": ("hooks", 0, "tied: contributions of transformer.wte (Embedding) and lm_head (Linear) summed"), "transformer.wpe": ("hooks", None)}),
     ("llama", hf_llama, LM, lm_data, {"model.embed_tokens": ("hooks", 0), "model.layers.0.self_attn.q_proj": ("hooks", 0)}),
-    ("nanogpt_B_eq_T", lambda: seeded(NanoGPT), LM, lambda: lm_data(n_train=6, n_test=6, T=6), {"wte": "func", "wpe": "func", "fc": ("hooks", 0)}),
-    ("module_tie", lambda: seeded(ModuleTie), LM, lm_data, {"emb": "func", "fc": ("hooks", 0)}),
+    ("nanogpt_B_eq_T", lambda: seeded(NanoGPT), LM, lambda: lm_data(n_train=6, n_test=6, T=6), {"wte": ("hooks", 0, "tied: contributions of wte (Embedding) and lm_head (Linear) summed"), "wpe": "func", "fc": ("hooks", 0)}),
+    ("module_tie", lambda: seeded(ModuleTie), LM, lm_data, {"emb": ("hooks", 0, "tied: contributions of emb (Embedding) and head (Linear) summed"), "fc": ("hooks", 0)}),
     ("functional_tie", lambda: seeded(FunctionalTie), LM, lm_data, {"emb": "func", "fc": ("hooks", 0)}),
     ("encoder_batch_first_B_eq_T", lambda: seeded(Encoder, True), CLS, lambda: seq_data(6, 6), {"layer.linear1": ("hooks", 0), "layer.norm1": ("hooks", 0)}),
     ("encoder_seq_first_B_eq_T", lambda: seeded(Encoder, False), CLS, lambda: seq_data(6, 6), {"layer.linear1": ("hooks", 1), "layer.norm2": ("hooks", 1), "emb": ("hooks", 1)}),
@@ -275,10 +278,11 @@ def test_gradient_coverage_is_honest(name, build, task, data, expected):
     assert names == set(est.layout_.names)  # every attributed parameter once
     assert sum(e["num_params"] for e in coverage.values()) == est.layout_.num_params
     for module, want in expected.items():
-        path, axis = (want, None) if isinstance(want, str) else want
+        path, axis, tie = (want, None, None) if isinstance(want, str) else (*want, None)[:3]
         assert coverage[module]["path"] == path, (module, coverage[module])
         if path == "hooks":
             assert coverage[module]["batch_axis"] == axis, (module, coverage[module])
+            assert coverage[module]["reason"] == tie, (module, coverage[module])
         else:
             assert coverage[module]["reason"], module
     for module, entry in coverage.items():
@@ -290,7 +294,8 @@ def test_gradient_coverage_is_honest(name, build, task, data, expected):
 def test_ekfac_coverage_is_honest(name, build, task, data, expected):
     """EK-FAC's coverage_ agrees with the gradient plan: a Kronecker block exactly for the
     Linear/Conv2d/Embedding/Conv1D layers the hook path computes (on whatever batch axis), the
-    fallback with the plan's reason for the others (tied, functional use, no batch axis)."""
+    fallback with the plan's reason for the others (functional use, no batch axis), and the
+    fallback naming the tie for a tied weight (summed on the hook path, no Kronecker block)."""
     model = build()
     train, test = data()
     est = fit_quietly(InfluenceEstimator(EKFAC(damping=1e-2, fisher_type="empirical"), task), model, train)
@@ -301,7 +306,10 @@ def test_ekfac_coverage_is_honest(name, build, task, data, expected):
         kronecker_kind = kinds.get(module) in ("Linear", "Conv2d", "Embedding", "Conv1D")
         if not kronecker_kind or module not in coverage:
             continue
-        if entry["path"] == "hooks":
+        if entry["path"] == "hooks" and entry["reason"]:  # a tie: summed gradients, no block
+            assert coverage[module]["method"] != "kronecker", (module, coverage[module])
+            assert coverage[module]["reason"].startswith("weight tied with "), (module, coverage[module])
+        elif entry["path"] == "hooks":
             assert coverage[module]["method"] == "kronecker", (module, coverage[module])
         else:
             assert coverage[module]["method"] != "kronecker", (module, coverage[module])

@@ -141,7 +141,9 @@ class KFAC(FisherSampling, BlockCurvature):
         At fit, the candidates (Linear/Conv2d/Embedding/HF Conv1D) go through
         :func:`~influence.gradients.plan.plan_layers` on the first batch: a layer whose weight
         is also used outside it (tied or functional use), whose batch axis cannot be traced or
-        that fails the self-check gets the fallback instead, with the reason in ``coverage_``.
+        that fails the self-check gets the fallback instead, with the reason in ``coverage_``;
+        so does a weight tied to several layers (its per-example gradients are summed on the
+        hook path, but no single layer's factors describe it).
         On load, the layers are those with saved factors (``statistics``).
 
         Sets ``_layers``, ``_methods`` (parameter → method), ``_layout``, ``_reasons`` and
@@ -155,6 +157,7 @@ class KFAC(FisherSampling, BlockCurvature):
             plan = plan_layers(model, task, layout, hookable_layers(model, layout), batch, current().self_check)
             layers = {n: i for n, i in plan.layers.items() if n in candidates}
             self._reasons = {n: why for n, why in plan.rejected.items() if n in candidates}
+            self._reasons.update(_tie_reasons(plan))
         covered = {n for info in layers.values() for n in (info.weight, info.bias) if n}
         rest = [n for n in layout.names if n not in covered]
         methods = {n: "kronecker" for n in covered}
@@ -205,6 +208,19 @@ class KFAC(FisherSampling, BlockCurvature):
             )
         self._set_statistics({k: v + statistics[k].to(v) for k, v in self.statistics_.items()})
         return self
+
+
+def _tie_reasons(plan) -> dict[str, str]:
+    """Why each member of a tie (:attr:`~influence.gradients.plan.LayerPlan.ties`) falls back."""
+    reasons = {}
+    for members in plan.ties.values():
+        for info in members:
+            others = ", ".join(f"{o.name or '<root>'} ({type(o.module).__name__})" for o in members if o is not info)
+            reasons[info.name] = (
+                f"weight tied with {others}: per-example gradients summed on the hook path; no "
+                "Kronecker block for a tied weight"
+            )
+    return reasons
 
 
 class EKFAC(KFAC):

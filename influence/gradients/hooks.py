@@ -4,9 +4,11 @@ For ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding`` (see :mod:`.capture`) one 
 backward pass that computes **no parameter gradient** records ``a (B, T, d_in)`` and
 ``g (B, T, d_out)``; the per-example weight gradient is ``Σ_t g_t a_tᵀ``. ``nn.LayerNorm``
 with a 1-D elementwise affine is covered the same way (``∇γ = Σ_t g_t ⊙ x̂_t``, ``∇β = Σ_t g_t``
-with ``x̂`` the normalised input). Every other attributed parameter goes through the
-``torch.func`` path (:func:`~influence.gradients.functional.per_sample_grads` restricted to
-those parameters), so the combined result equals the pure ``torch.func`` one.
+with ``x̂`` the normalised input). A weight tied to several of these layers (GPT-2's ``wte``
+and ``lm_head``) gets the sum of every layer's contribution, each written in the weight's own
+layout (:attr:`~influence.gradients.plan.LayerPlan.ties`). Every other attributed parameter goes
+through the ``torch.func`` path (:func:`~influence.gradients.functional.per_sample_grads`
+restricted to those parameters), so the combined result equals the pure ``torch.func`` one.
 
 :class:`GradientComputer` runs the passes and returns a :class:`BatchGrads`, which keeps the
 layers **factored** and forms only what is asked:
@@ -28,7 +30,7 @@ from ..exceptions import FallbackWarning, InfluenceError
 from ..params import ParameterLayout, module_name
 from ..tasks import Task
 from .capture import BatchAxisError, LayerCapture, LayerInfo, hookable_layers, tokens_in
-from .plan import LayerPlan, plan_layers
+from .plan import LayerPlan, plan_layers, tie_params
 from .functional import check_per_example, check_vmappable_modes, per_sample_grads, task_objective
 
 GRADIENT_METHODS = ("auto", "func", "hooks")
@@ -86,17 +88,23 @@ def _conv_weight_grads(f: LayerFactors, out: torch.Tensor | None) -> torch.Tenso
     return res if out is None else out.copy_(res)
 
 
-def weight_grads(f: LayerFactors, out: torch.Tensor | None = None) -> torch.Tensor:
+def weight_grads(f: LayerFactors, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
     """Per-example weight gradients ``(B, d_out, d_in)`` in the weight's own layout (Embedding:
-    ``(B, V, D)``; HF ``Conv1D``: ``(B, d_in, d_out)``)."""
+    ``(B, V, D)``; HF ``Conv1D``: ``(B, d_in, d_out)``), written into ``out`` or, with
+    ``accumulate=True``, added to it (the members of a tie)."""
     info, g = f.info, f.g
+    if accumulate and info.kind in ("conv2d", "layernorm"):
+        return out.add_(weight_grads(f).view(out.shape))
     if info.kind == "conv2d" and f._a is None:
         return _conv_weight_grads(f, out)
     a = f.a
     B, T = g.shape[0], g.shape[1]
     if info.kind == "embedding":
         V, D = info.module.num_embeddings, info.d_out
-        out = torch.zeros(B, V, D, dtype=g.dtype, device=g.device) if out is None else out.zero_()
+        if out is None:
+            out = torch.zeros(B, V, D, dtype=g.dtype, device=g.device)
+        elif not accumulate:
+            out.zero_()
         # one accumulating scatter into (example, id) rows: works on a strided view of a (B, P)
         # buffer too, with no per-example loop and no boolean indexing (a host sync on CUDA);
         # padding tokens are zeroed rather than dropped, for the same reason
@@ -109,6 +117,8 @@ def weight_grads(f: LayerFactors, out: torch.Tensor | None = None) -> torch.Tens
         res = (g * a).sum(1)
         return res if out is None else out.copy_(res.view(out.shape))
     left, right = (a, g) if info.transposed else (g, a)  # HF Conv1D: weight stored (d_in, d_out)
+    if accumulate:
+        return out.addcmul_(left.transpose(1, 2), right) if T == 1 else out.baddbmm_(left.transpose(1, 2), right)
     if T == 1:
         return torch.mul(left.transpose(1, 2), right, out=out) if out is not None else left.transpose(1, 2) * right
     return torch.bmm(left.transpose(1, 2), right, out=out) if out is not None else torch.bmm(left.transpose(1, 2), right)
@@ -169,7 +179,9 @@ class BatchGrads:
     Attributes:
         n: number of examples.
         layers: ``{module_name: LayerFactors}`` for the hook layers.
-        rest: ``(n, P_rest)`` torch.func gradients of the other parameters (or ``None``).
+        rest: ``(n, P_rest)`` dense gradients of the other parameters (or ``None``), in the
+            order of ``computer.rest_layout``: tied weights (summed on the hook path) and
+            the torch.func parameters.
     """
 
     def __init__(self, computer: "GradientComputer", n: int, layers: dict[str, LayerFactors], rest):
@@ -227,8 +239,17 @@ class GradientComputer:
 
     Which candidate layers (:func:`hook_layers`) the hook path computes is decided on the first
     batch by :func:`~influence.gradients.plan.plan_layers`: layers whose parameters are used
-    outside them (tied weights, functional uses), whose batch axis cannot be traced, or that
-    fail the self-check go to torch.func; :meth:`coverage` reports the decision.
+    outside them (functional uses), whose batch axis cannot be traced, or that fail the
+    self-check go to torch.func; a weight tied to several such layers gets their summed
+    contributions, delivered densely in :attr:`BatchGrads.rest` with the torch.func parameters;
+    :meth:`coverage` reports the decision.
+
+    Attributes (after the first batch):
+        layers: ``{module: LayerInfo}`` kept factored.
+        ties: ``{weight name: (LayerInfo, ...)}`` summed on the hook path, delivered densely.
+        rest_layout: the densely delivered parameters (tied and torch.func), in layout order
+            (``None`` when there are none); ``rest_slices`` their slices in ``BatchGrads.rest``.
+        func_layout: the parameters the torch.func pass computes (``None``: no vmap pass).
 
     Args:
         model: the model (eval mode).
@@ -266,6 +287,7 @@ class GradientComputer:
             )
         self.plan: LayerPlan | None = None if self.candidates else LayerPlan({})
         self.layers: dict[str, LayerInfo] = {}
+        self.ties: dict[str, tuple[LayerInfo, ...]] = {}
         self._setup()
 
     def prepare(self, batch: Any) -> LayerPlan:
@@ -277,6 +299,7 @@ class GradientComputer:
                 {n: i for n, i in shared.layers.items() if n in self.candidates},
                 {n: why for n, why in shared.rejected.items() if n in self.candidates},
                 shared.self_checked,
+                {p: members for p, members in shared.ties.items() if members[0].name in self.candidates},
             )
             if self.method == "hooks" and plan.rejected:
                 raise InfluenceError(
@@ -285,7 +308,7 @@ class GradientComputer:
                     + ". Use gradient_method='auto' (those layers then use torch.func)."
                 )
             self.plan = plan
-            self.layers = dict(self.plan.layers)
+            self.layers, self.ties = dict(plan.layers), dict(plan.ties)
             self._setup()
         return self.plan
 
@@ -312,12 +335,18 @@ class GradientComputer:
 
     def _setup(self) -> None:
         covered = {n for i in self.layers.values() for n in (i.weight, i.bias) if n is not None}
+        tied = {n for members in self.ties.values() for n in tie_params(members)}
         rest = [n for n in self.layout.names if n not in covered]
-        shapes = dict(zip(self.layout.names, self.layout.shapes))
-        self.rest_layout = ParameterLayout(tuple(rest), tuple(shapes[n] for n in rest)) if rest else None
+        self.rest_layout = self._sub_layout(rest)
+        self.func_layout = self._sub_layout([n for n in rest if n not in tied])
         self.slices = self.layout.slices()
         self.rest_slices = list(self.rest_layout.slices().items()) if self.rest_layout else []
         self.wshape = {n: _matrix_shape(i) for n, i in self.layers.items()}
+        self.captured = {**self.layers, **{i.name: i for members in self.ties.values() for i in members}}
+
+    def _sub_layout(self, names: list[str]) -> ParameterLayout | None:
+        shapes = dict(zip(self.layout.names, self.layout.shapes))
+        return ParameterLayout(tuple(names), tuple(shapes[n] for n in names)) if names else None
 
     def _drop_layer(self, error: BatchAxisError) -> None:
         """A batch contradicts the plan for one layer: it goes to torch.func from now on."""
@@ -329,9 +358,8 @@ class GradientComputer:
             FallbackWarning,
             stacklevel=4,
         )
-        del self.layers[error.layer]
-        self.plan.layers.pop(error.layer, None)
-        self.plan.rejected[error.layer] = f"its batch axis did not hold on a later batch ({error})"
+        self.plan.drop(error.layer, f"its batch axis did not hold on a later batch ({error})")
+        self.layers, self.ties = dict(self.plan.layers), dict(self.plan.ties)
         self._setup()
 
     def compute(self, batch: Any, objective: str = "loss") -> BatchGrads:
@@ -340,15 +368,15 @@ class GradientComputer:
         n = self.task.num_examples(batch)
         self.prepare(batch)
         factors: dict[str, LayerFactors] = {}
-        if self.layers:
+        if self.captured:
             check_vmappable_modes(self.model)
             try:
-                with LayerCapture(self.layers, batch_size=n, raw_conv_inputs=True) as cap:
+                with LayerCapture(self.captured, batch_size=n, raw_conv_inputs=True) as cap:
                     cap.backward(check_per_example(fn(self.model, batch), n, self.task))
             except BatchAxisError as error:
                 self._drop_layer(error)
                 return self.compute(batch, objective)
-            for name, info in self.layers.items():
+            for name, info in self.captured.items():
                 if name not in cap.output_grads:  # layer not used by this batch's forward
                     w = info.module.weight
                     g = w.new_zeros(n, 0, info.d_out)
@@ -363,10 +391,30 @@ class GradientComputer:
                 if info.kind == "layernorm":
                     a = a.reshape(n, -1, info.d_in)
                 factors[name] = LayerFactors(info, a, g)
-        rest = None
-        if self.rest_layout is not None:
-            rest = per_sample_grads(self.model, self.task, batch, self.rest_layout, self.chunk_size, objective)
-        return BatchGrads(self, n, factors, rest)
+        members = {name: factors.pop(name) for name in self.captured if name not in self.layers}
+        return BatchGrads(self, n, factors, self._dense(batch, objective, n, members))
+
+    def _dense(self, batch: Any, objective: str, n: int, members: dict[str, LayerFactors]) -> torch.Tensor | None:
+        """``(n, P_rest)``: each tied weight's members' contributions summed in place, and the
+        torch.func pass (only if some parameter needs it)."""
+        func = None
+        if self.func_layout is not None:
+            func = per_sample_grads(self.model, self.task, batch, self.func_layout, self.chunk_size, objective)
+        if not self.ties:
+            return func
+        like = next(iter(members.values())).g
+        rest = torch.empty(n, self.rest_layout.num_params, dtype=like.dtype, device=like.device)
+        where = dict(self.rest_slices)
+        for weight, infos in self.ties.items():
+            for k, info in enumerate(infos):
+                f = members[info.name]
+                weight_grads(f, rest[:, where[weight]].view(n, *_matrix_shape(info)), accumulate=k > 0)
+                if info.bias is not None:
+                    torch.sum(f.g, dim=1, out=rest[:, where[info.bias]])
+        if func is not None:
+            for name, sl in self.func_layout.slices().items():
+                rest[:, where[name]] = func[:, sl]
+        return rest
 
     def flat(self, batch: Any, objective: str = "loss", out: torch.Tensor | None = None) -> torch.Tensor:
         """Materialised per-example gradients ``(B, P)``."""

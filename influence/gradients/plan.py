@@ -3,9 +3,10 @@
 The hook path (:mod:`.capture`, :mod:`.hooks`) reads a layer's per-example gradient off its
 inputs and output gradients (``∇W ℓ_b = Σ_t g_bt a_btᵀ``). That is exact only when
 
-1. each of the layer's parameters is used **only inside the layer's own forward**: not tied to
-   another module (GPT-2's ``wte`` and ``lm_head``), not used functionally elsewhere
-   (``h @ emb.weight.T``), not read by a parent that bypasses the layer's hooks; and
+1. each of the layer's parameters is used **only inside the layer's own forward**: not used
+   functionally elsewhere (``h @ emb.weight.T``), not read by a parent that bypasses the
+   layer's hooks; a weight **tied** to other supported layers (GPT-2's ``wte`` and
+   ``lm_head``) is the one exception, see below; and
 2. the layer's inputs and outputs have **one axis that indexes the examples**: batch-first,
    another axis (PyTorch's default sequence-first ``(T, B, d)`` transformer layers), or a
    leading 1 shared by the whole batch (GPT-2's ``(1, T)`` position ids) whose expansion to
@@ -14,8 +15,9 @@ inputs and output gradients (``∇W ℓ_b = Σ_t g_bt a_btᵀ``). That is exact 
 :func:`plan_layers` checks both on a batch of the data, never by guessing from shapes:
 
 - **use probe**: a forward under a :class:`~torch.overrides.TorchFunctionMode` records every
-  torch function applied to a candidate's parameters and which module was running; a use
-  outside the owning layer (metadata reads such as ``.shape`` aside) disqualifies the layer;
+  torch function applied to an attributed parameter and which module was running; a use
+  outside the owning layer (metadata reads such as ``.shape`` aside) disqualifies the layer,
+  unless it makes a **tie** (below);
 - **axis probe**: forwards at two batch sizes (2 and 3 copies of the batch's first examples);
   a layer's batch axis is the one output axis whose size is 2, then 3. No such axis, or
   several, disqualifies the layer (e.g. nanoGPT's ``wpe(arange(T))``, of shape ``(T, d)``
@@ -26,6 +28,15 @@ inputs and output gradients (``∇W ℓ_b = Σ_t g_bt a_btᵀ``). That is exact 
   (each example alone, as torch.func defines them)
   (relative tolerance ``√eps`` of the dtype); a mismatch disqualifies the layer with a
   :class:`~influence.FallbackWarning` naming it.
+
+**Ties.** A weight ``W`` held as the ``weight`` of several supported layers (Linear, Embedding,
+Conv2d, HF Conv1D: e.g. ``lm_head.weight is wte.weight``) has the per-example gradient
+``Σ_layers Σ_t (contribution of that layer's tokens)``, every term in ``W``'s own layout. The
+plan keeps such a weight on the hook path (:attr:`LayerPlan.ties`, its layers captured and
+their contributions summed) when **every** use of ``W`` is inside the forward of one of those
+layers, each has a traced batch axis, and each follower's bias is absent or attributed and
+its own. A use anywhere else (``h @ emb.weight.T``, a parent's ``F.linear``) sends the weight
+to torch.func as before. The self-check compares the **summed** gradient with autograd's.
 
 Disqualified layers go to the exact torch.func path; :attr:`LayerPlan.rejected` says why.
 Plans are cached per model (weakly) and per layout, candidate set, task and train/eval state.
@@ -42,24 +53,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
-from ..exceptions import FallbackWarning, InfluenceError
+from ..exceptions import FallbackWarning
 from ..params import ParameterLayout
 from ..tasks import Task
+from ._probes import PROBE_SIZES, TIE_KINDS, batch_axis, foreign_uses, probe, tie
 from .capture import BatchAxisError, LayerCapture, LayerInfo, layer_grads
-from .functional import _PerExample, check_per_example, split_batch, take_examples
-
-PROBE_SIZES = (2, 3)
-
-# Tensor attributes and methods that read metadata only: no value flows, no gradient
-_METADATA = frozenset(
-    "shape dtype device ndim requires_grad is_cuda is_sparse is_quantized is_meta layout names "
-    "is_leaf grad_fn grad data _version itemsize nbytes is_mps is_nested is_mkldnn is_complex "
-    "size dim numel nelement ndimension stride storage_offset element_size is_floating_point "
-    "is_contiguous data_ptr get_device detach __len__ __hash__ untyped_storage".split()
-)
+from .functional import _PerExample, split_batch, take_examples
 
 
 @dataclass
@@ -70,20 +70,59 @@ class LayerPlan:
         layers: ``{module name: LayerInfo}`` accepted, with their ``batch_axis`` set.
         rejected: ``{module name: reason}`` for candidates left to the exact torch.func path.
         self_checked: whether the self-check ran.
+        ties: ``{weight name: (LayerInfo, ...)}``: tied weights computed on the hook path by
+            summing the contributions of every layer holding them (the candidate that owns the
+            name first, then the others in the order they ran). Each member's ``weight`` is the
+            layout's name of the tied weight, its ``bias`` its own bias (or ``None``). Members
+            are not in ``layers``.
     """
 
     layers: dict[str, LayerInfo]
     rejected: dict[str, str] = field(default_factory=dict)
     self_checked: bool = False
+    ties: dict[str, tuple[LayerInfo, ...]] = field(default_factory=dict)
 
     def coverage(self) -> dict[str, dict[str, Any]]:
-        """``{module: {"path": "hooks" | "func", "reason", "batch_axis"}}`` per candidate."""
+        """``{module: {"path": "hooks" | "func", "reason", "batch_axis"}}`` per candidate and
+        tie member (whose ``reason`` says which contributions are summed)."""
         out: dict[str, dict[str, Any]] = {}
         for name, info in self.layers.items():
             out[name] = {"path": "hooks", "reason": None, "batch_axis": info.batch_axis}
+        for members in self.ties.values():
+            for info in members:
+                out[info.name] = {"path": "hooks", "reason": tie_note(members), "batch_axis": info.batch_axis}
         for name, reason in self.rejected.items():
             out[name] = {"path": "func", "reason": reason, "batch_axis": None}
         return out
+
+    def captured(self) -> dict[str, LayerInfo]:
+        """Every layer whose inputs and output gradients the hook path records: the planned
+        layers and the members of each tie."""
+        return {**self.layers, **{info.name: info for members in self.ties.values() for info in members}}
+
+    def drop(self, module: str, reason: str) -> str:
+        """Sends a planned layer, or the whole tie that ``module`` belongs to, to torch.func
+        with ``reason``; returns the name it is reported under (a tie's owner)."""
+        for weight, members in list(self.ties.items()):
+            if module in (info.name for info in members):
+                del self.ties[weight]
+                module = members[0].name
+                break
+        else:
+            del self.layers[module]
+        self.rejected[module] = reason
+        return module
+
+
+def tie_params(members: tuple[LayerInfo, ...]) -> tuple[str, ...]:
+    """The parameters a tie covers: the tied weight, then each member's own bias."""
+    return (members[0].weight, *(info.bias for info in members if info.bias is not None))
+
+
+def tie_note(members: tuple[LayerInfo, ...]) -> str:
+    """``"tied: contributions of wte (Embedding) and lm_head (Linear) summed"``."""
+    names = [f"{info.name or '<root>'} ({type(info.module).__name__})" for info in members]
+    return f"tied: contributions of {', '.join(names[:-1])} and {names[-1]} summed"
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -114,148 +153,27 @@ def plan_layers(
         return cached[key]
     plan = LayerPlan({}, {})
     if candidates:
-        shapes, misuse = _probe(model, task, batch, candidates)
+        shapes, uses = probe(model, task, batch, candidates, layout)
         for name, info in candidates.items():
-            axis, reason = (None, misuse[name]) if name in misuse else _batch_axis(info, *shapes[name])
+            foreign = foreign_uses(info, uses)
+            if foreign:
+                members, reason = tie(model, info, foreign, uses, shapes, layout)
+                if members is not None:
+                    plan.ties[info.weight] = members
+                    continue
+                axis = None
+            else:
+                axis, reason = batch_axis(info, *shapes[name])
             if reason is None:
                 plan.layers[name] = dataclasses.replace(info, batch_axis=axis)
             else:
                 plan.rejected[name] = reason
         _confirm_shared(model, task, batch, plan)
-        if self_check and plan.layers:
+        if self_check and (plan.layers or plan.ties):
             _self_check(model, task, batch, plan)
             plan.self_checked = True
     cached[key] = plan
     return plan
-
-
-# ----------------------------------------------------------------------------------- probes
-class _UseRecorder(TorchFunctionMode):
-    """Records torch functions applied to watched parameters outside their owning module."""
-
-    def __init__(self, watched: dict[int, tuple[str, str]], modules: dict[int, str]):
-        super().__init__()
-        self.watched = watched  # id(parameter) -> (owning candidate layer, "weight" | "bias")
-        self.modules = modules  # id(module) -> name
-        self.stack: list[nn.Module] = []
-        self.misuse: dict[str, str] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for leaf in tree_flatten((args, kwargs))[0]:
-            owner, role = self.watched.get(id(leaf), (None, None)) if isinstance(leaf, torch.Tensor) else (None, None)
-            if owner is None or owner in self.misuse or _metadata_only(func):
-                continue
-            running = self.stack[-1] if self.stack else None
-            where = self.modules.get(id(running), "?") if running is not None else None
-            if where != owner:
-                place = f"{where or '<root>'} ({type(running).__name__})" if running is not None else "code outside any module"
-                self.misuse[owner] = f"its {role} is also used by {place} via {_func_name(func)} (tied or functional use)"
-        return func(*args, **kwargs)
-
-
-def _metadata_only(func) -> bool:
-    name = getattr(func, "__name__", "")
-    if name == "__get__":
-        name = getattr(getattr(func, "__self__", None), "__name__", "")
-    return name in _METADATA
-
-
-def _func_name(func) -> str:
-    name = getattr(func, "__name__", repr(func))
-    if name == "__get__":
-        return "." + getattr(getattr(func, "__self__", None), "__name__", "?")
-    return name
-
-
-def _probe(model, task, batch, candidates):
-    """Output/input shapes of every candidate call at the two probe sizes, and misused layers."""
-    n = task.num_examples(batch)
-    modules = {id(m): name for name, m in model.named_modules()}
-    watched = {}
-    for name, info in candidates.items():
-        for pname, role in ((info.weight, "weight"), (info.bias, "bias")):
-            if pname is not None:
-                watched[id(model.get_parameter(pname))] = (name, role)
-    recorder = _UseRecorder(watched, modules)
-    records: dict[str, list] = {name: [] for name in candidates}
-    def enter(module, args):
-        recorder.stack.append(module)
-
-    def leave(module, args, output):
-        if recorder.stack:
-            recorder.stack.pop()
-
-    def record(name):
-        def hook(module, args, output):
-            records[name].append((_shape(args[0] if args else None), _shape(output)))
-
-        return hook
-
-    handles = []
-    for m in model.modules():  # the innermost running module, for the use recorder
-        handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
-    for name, info in candidates.items():
-        handles.append(info.module.register_forward_hook(record(name)))
-    shapes: dict[str, list] = {name: [] for name in candidates}
-    try:
-        with torch.enable_grad():  # the capture's forward: grad-dependent fast paths alike
-            for size in PROBE_SIZES:
-                for r in records.values():
-                    r.clear()
-                sub = take_examples(task, batch, torch.arange(size) % n)
-                if size == PROBE_SIZES[0]:
-                    with recorder:
-                        check_per_example(task.loss(model, sub), size, task)
-                else:
-                    task.loss(model, sub)
-                for name in candidates:
-                    shapes[name].append(list(records[name]))
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: tuple(s) for name, s in shapes.items()}, recorder.misuse
-
-
-def _shape(t) -> tuple[int, ...] | None:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
-
-
-def _batch_axis(info: LayerInfo, calls1: list, calls2: list) -> tuple[int | None, str | None]:
-    """``(axis, None)`` or ``(None, reason)`` from the layer's calls at the two probe sizes.
-
-    The axis is ``None`` (with no reason) for a leading 1 shared by the batch.
-    """
-    n1, n2 = PROBE_SIZES
-    if len(calls1) != len(calls2):
-        return None, f"called {len(calls1)} times for {n1} examples but {len(calls2)} times for {n2}"
-    if not calls1:
-        return 0, None  # did not run on this batch: it contributes nothing there
-    axes = set()
-    for (in1, out1), (in2, out2) in zip(calls1, calls2):
-        if out1 is None or out2 is None or len(out1) != len(out2) or in1 is None or in2 is None:
-            return None, "its input or output is not a tensor of a fixed rank"
-        varying = [k for k in range(len(out1)) if out1[k] != out2[k]]
-        if len(varying) == 1 and (out1[varying[0]], out2[varying[0]]) == (n1, n2):
-            axis = varying[0]
-        elif not varying and len(out1) > 1 and out1[0] == 1 and in1[:1] == (1,):
-            axis = None  # shared by the batch, leading 1
-        else:
-            return None, (
-                f"no single axis of its output follows the number of examples (shape {out1} "
-                f"for {n1} examples, {out2} for {n2}): its input is shared by the batch or mixes "
-                "examples with other axes"
-            )
-        if axis is not None and (len(in1) <= axis or (in1[axis], in2[axis]) != (n1, n2)):
-            return None, f"its input's axis {axis} does not follow the number of examples"
-        axes.add(axis)
-    if len(axes) > 1:
-        return None, f"its calls have different batch axes {sorted(axes, key=str)}"
-    axis = axes.pop()
-    if info.kind == "conv2d" and axis != 0:
-        return None, f"a Conv2d needs batch-first inputs (found axis {axis})"
-    return axis, None
-
 
 def _confirm_shared(model, task, batch, plan: LayerPlan) -> None:
     """Keeps shared-input layers only if expanding their output per example changes nothing."""
@@ -291,41 +209,39 @@ def _confirm_shared(model, task, batch, plan: LayerPlan) -> None:
 
 # ----------------------------------------------------------------------------------- self-check
 def _self_check(model, task, batch, plan: LayerPlan) -> None:
-    """Compares hook-path and torch.func per-example gradients on two examples of ``batch``."""
+    """Compares hook-path and torch.func per-example gradients on two examples of ``batch``
+    (a tied weight: the sum of its members' contributions)."""
     n = task.num_examples(batch)
     rows = sorted({0, n - 1})
-    while plan.layers:
+    while plan.layers or plan.ties:
         try:
-            hooks = _hook_grads(model, task, batch, plan.layers, rows)
+            hooks = _hook_grads(model, task, batch, plan.captured(), rows)
             break
         except BatchAxisError as error:  # the real batch contradicts the probe: that layer out
-            name = error.layer
-            del plan.layers[name]
-            plan.rejected[name] = f"its batch axis does not hold on the data ({error})"
-    if not plan.layers:
+            plan.drop(error.layer, f"its batch axis does not hold on the data ({error})")
+    groups = {name: [p for p in (info.weight, info.bias) if p is not None] for name, info in plan.layers.items()}
+    groups.update({members[0].name: list(tie_params(members)) for members in plan.ties.values()})
+    if not groups:
         return
-    names = [p for info in plan.layers.values() for p in (info.weight, info.bias) if p is not None]
+    names = [p for params in groups.values() for p in params]
     shapes = dict(zip(names, (model.get_parameter(p).shape for p in names)))
     sub_layout = ParameterLayout(tuple(names), tuple(shapes[p] for p in names))
     exact = _autograd_grads(model, task, take_examples(task, batch, torch.tensor(rows)), sub_layout)
     total = math.sqrt(sum(float(exact[p].double().pow(2).sum()) for p in names))
     tol = max(math.sqrt(torch.finfo(exact[names[0]].dtype).eps), 1e-7)
     bad = {}
-    for name, info in list(plan.layers.items()):
-        for p in (info.weight, info.bias):
-            if p is None:
-                continue
+    for name, params in groups.items():
+        for p in params:
             err = float((hooks[p].double() - exact[p].double()).norm())
             scale = float(exact[p].double().norm()) + float(hooks[p].double().norm()) + 1e-6 * total
             if err > tol * scale:
                 bad[name] = err / max(float(exact[p].double().norm()), 1e-300)
                 break
     for name, rel in bad.items():
-        del plan.layers[name]
-        plan.rejected[name] = (
+        plan.drop(name, (
             f"the self-check found its hook-path gradients off by {rel:.2g} (relative) from "
             "autograd's (each example alone) on the first batch"
-        )
+        ))
     if bad:
         warnings.warn(
             "Self-check: the hook path's per-example gradients of "
@@ -348,11 +264,12 @@ def _autograd_grads(model, task, batch, layout: ParameterLayout) -> dict[str, to
 
 
 def _hook_grads(model, task, batch, layers, rows) -> dict[str, torch.Tensor]:
-    """Per-example gradients of the ``rows`` examples, by the hook path, per parameter name."""
+    """Per-example gradients of the ``rows`` examples, by the hook path, per parameter name
+    (summed over the layers that share a parameter: the members of a tie)."""
     n = task.num_examples(batch)
     with LayerCapture(layers, batch_size=n) as cap:
         cap.backward(task.loss(model, batch))
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     index = torch.tensor(rows)
     for name, info in layers.items():
         if name in cap.output_grads:
@@ -363,8 +280,9 @@ def _hook_grads(model, task, batch, layers, rows) -> dict[str, torch.Tensor]:
             grads = {p: model.get_parameter(p).new_zeros(len(rows), *model.get_parameter(p).shape)
                      for p in (info.weight, info.bias) if p is not None}
         for p, v in grads.items():
-            out[p] = v.reshape(len(rows), *model.get_parameter(p).shape)
+            v = v.reshape(len(rows), *model.get_parameter(p).shape)
+            out[p] = out[p] + v if p in out else v
     return out
 
 
-__all__ = ["LayerPlan", "plan_layers", "PROBE_SIZES"]
+__all__ = ["LayerPlan", "plan_layers", "tie_note", "tie_params", "PROBE_SIZES", "TIE_KINDS"]
