@@ -27,6 +27,7 @@ from .exceptions import (
     ModelChangedError,
     NonFiniteGradientError,
     NotFittedError,
+    StochasticModelError,
 )
 from .gradients import per_sample_grads
 from .io import CorruptedFileError, FormatVersionError, ModelMismatchError, StorageError, register_class
@@ -81,6 +82,7 @@ __all__ = [
     # errors
     "InfluenceError",
     "NotFittedError",
+    "StochasticModelError",
     "BatchFormatError",
     "NonFiniteGradientError",
     "ModelChangedError",
