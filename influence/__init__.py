@@ -22,11 +22,13 @@ from .exceptions import (
     BatchFormatError,
     ConvergenceWarning,
     CurvatureError,
+    DistributedTimeoutError,
     FallbackWarning,
     InfluenceError,
     ModelChangedError,
     NonFiniteGradientError,
     NotFittedError,
+    RunLockedError,
 )
 from .gradients import per_sample_grads
 from .io import CorruptedFileError, FormatVersionError, ModelMismatchError, StorageError
@@ -85,6 +87,8 @@ __all__ = [
     "NonFiniteGradientError",
     "ModelChangedError",
     "CurvatureError",
+    "RunLockedError",
+    "DistributedTimeoutError",
     "ConvergenceWarning",
     "FallbackWarning",
     # storage errors (influence.io); data-parallel helpers live in influence.distributed
