@@ -35,3 +35,15 @@ def test_bench_scoring_smoke(tmp_path):
             if isinstance(row, dict) and "exact-materialised" not in key and "LoGra" not in key and "bf16" not in key:
                 assert row["pearson_vs_exact"] > 0.99, key
     assert (tmp_path / "bench_scoring_smoke.md").exists()
+
+
+@pytest.mark.slow
+def test_bench_memory_smoke(tmp_path):
+    import bench_memory
+
+    out = bench_memory.run(smoke=True, out_dir=tmp_path)
+    plain, budget = out["results"]
+    assert plain["query_groups"] == 1 and budget["query_groups"] > 1
+    assert budget["resident_query_mb"] * (1 << 20) <= 64 << 10
+    assert abs(plain["checksum"] - budget["checksum"]) <= 1e-5 * plain["checksum"]
+    assert (tmp_path / "bench_memory_smoke.md").exists()
