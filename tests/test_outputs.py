@@ -142,3 +142,24 @@ def test_one_group_of_queries_is_resident(tmp_path, setup, monkeypatch, to_file)
     finally:
         est.set_params(scoring=None)
     np.testing.assert_allclose(np.asarray(got), full, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("order", ["short first", "long first"])
+def test_ghost_queries_of_different_lengths_share_a_group(tmp_path, order):
+    """Ghost factors (Identity on an LM: the query's own per-token factors) of query batches
+    with different sequence lengths are zero-padded into one group (grown when a longer batch
+    follows): the same scores as each batch scored alone, in memory and to a file."""
+    import zoo
+    from influence import LanguageModelingTask
+
+    model = zoo.tiny_lm(seed=1)
+    train = zoo.dict_batches(zoo.lm_batch(n=4, T=8, seed=2), 2)
+    short, long = zoo.lm_batch(n=2, T=5, seed=3, lengths=[5, 3]), zoo.lm_batch(n=3, T=8, seed=4)
+    test = [short, long] if order == "short first" else [long, short]
+    cfg = ScoringConfig(strategy="factored")
+    est = InfluenceEstimator(Identity(), LanguageModelingTask(), score_dtype=torch.float64, scoring=cfg).fit(model, train)
+    alone = torch.cat([est.pairwise_scores([b]) for b in test])
+    together = est.pairwise_scores(test)
+    assert {e["form"] for e in est.plan_["layers"].values() if e["kind"] == "linear"} == {"ghost (exact)"}
+    torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.asarray(est.pairwise_scores(test, out=tmp_path / "s.npy")), together.numpy())
