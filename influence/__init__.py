@@ -22,12 +22,14 @@ from .exceptions import (
     BatchFormatError,
     ConvergenceWarning,
     CurvatureError,
+    DistributedTimeoutError,
     FallbackWarning,
     InfluenceError,
     ModelChangedError,
     NonFiniteGradientError,
     NotFittedError,
     StochasticModelError,
+    RunLockedError,
 )
 from .gradients import per_sample_grads
 from .io import CorruptedFileError, FormatVersionError, ModelMismatchError, StorageError, register_class
@@ -87,6 +89,8 @@ __all__ = [
     "NonFiniteGradientError",
     "ModelChangedError",
     "CurvatureError",
+    "RunLockedError",
+    "DistributedTimeoutError",
     "ConvergenceWarning",
     "FallbackWarning",
     # storage (influence.io): classes a saved file may name, errors; data-parallel helpers

@@ -1,23 +1,38 @@
-"""Out-of-core pairwise scores: column blocks written into a memory-mapped ``.npy`` file.
+"""Out-of-core pairwise scores: blocks written into a memory-mapped ``.npy`` file.
 
-``pairwise_scores(test, train, out="scores.npy")`` creates ``scores.npy.partial`` (a ``.npy``
-file opened with :func:`numpy.lib.format.open_memmap`), writes each training batch's
-``(n_test, B)`` block into its columns, and renames the file to ``scores.npy`` when every
-column is written: a half-written matrix never appears under the final name. Memory holds the
-preconditioned queries and one block, never the matrix.
+``pairwise_scores(test, train, out="scores.npy")`` scores through the same
+:class:`~influence.scoring.Scorer` as the in-memory path (same plan, same numbers, ``plan_``
+set) and writes each training batch's ``(group rows, B)`` block into ``scores.npy.partial`` (a
+``.npy`` file opened with :func:`numpy.lib.format.open_memmap`); the file is renamed to
+``scores.npy`` when every entry is written, so a half-written matrix never appears under the
+final name. Memory holds one group of resident queries (all of them unless
+``ScoringConfig(max_memory=...)`` splits them; one training pass per group) and one block,
+never the matrix.
 
-Resuming: every ``checkpoint_every`` training batches the memory map is flushed and a small
-JSON file ``scores.npy.progress-rank<r>of<W>.json`` records the batches done. A call killed
-midway and run again with the same arguments skips the finished batches (their data is still
-read, their gradients are not computed) and gives the same matrix. The progress files carry a
-key (model weights, curvature, task, layout, sizes, number of processes), and the preconditioned
-queries are saved next to the file (``scores.npy.factors.safetensors``): a resumed call checks
-that its queries match the saved ones (to ``rtol=1e-4``, so GPU non-determinism does not
-prevent resuming) and then scores with the saved ones, so the matrix stays consistent. On any
-mismatch the partial file is started afresh.
+Before any gradient is computed, the run
 
-Under ``torch.distributed`` rank 0 creates the file, every rank writes the columns of its
-contiguous shard at its global offset, and rank 0 renames it (a shared file system is needed).
+1. takes an exclusive lock on ``scores.npy.lock`` (a second run writing the same file fails at
+   once, :func:`influence._files.exclusive_lock`);
+2. reserves the file's full size on disk (:func:`influence._files.reserve`): a disk too small
+   is an ``OSError`` naming the path and the bytes needed, not a SIGBUS midway.
+
+Resuming: every ``checkpoint_every`` training batches the memory map is flushed and
+``scores.npy.resume/progress-rank<r>of<W>.json`` records the group and the batches done, with a
+fingerprint of the training data consumed (a running SHA-256 of the batches' tensors, their
+number and sizes; :mod:`influence._fingerprint`), the fingerprints of the first pass at each
+checkpoint, and the run's identity: model weights, curvature, task, attributed parameters,
+scoring configuration, score dtype, gradient method, the queries (number and SHA-256 of their
+batches), the number of training examples and of processes. A call run again with the same
+arguments skips the finished groups and batches (their data is read again, not scored) and
+gives the same matrix. A partial file of another run, or a loader whose data or batching differ
+from the checkpoint's, is refused with an error saying what differs: nothing is overwritten;
+delete ``scores.npy.partial`` and ``scores.npy.resume/`` (or write to another path) to start
+over. The query groups are saved in ``scores.npy.resume/`` so that a resumed run scores with the
+same values (:mod:`influence._query_store`).
+
+Under ``torch.distributed`` rank 0 locks and creates the file, every rank writes the columns of
+its contiguous shard at its global offset, and rank 0 renames it (a shared file system is
+needed).
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 from typing import Any, Iterable
 
 import numpy as np
@@ -33,12 +49,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from ._atomic import check_target
+from ._files import exclusive_lock, reserve
+from ._fingerprint import ConsumedData, query_fingerprint, resume_after
 from ._loader import iterate_batches
 from ._progress import logger, track
-from .distributed import all_gather_counts, barrier, rank_and_world
-from .estimator import check_finite
-from .gradients.functional import per_sample_grads
-from .io import load_tensors, save_tensors
+from ._query_store import pin
+from .distributed import all_gather_counts, all_gather_objects, barrier, rank_and_world
+from .exceptions import InfluenceError
+from .io import atomic_write
+from .scoring import _check_finite_scores, _n
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -53,116 +72,161 @@ def count_examples(loader: Iterable[Any], task) -> int:
     return sum(task.num_examples(b) for b in iterate_batches(loader, "train_loader"))
 
 
-def _key(est, factors: torch.Tensor, n_train: int) -> str:
+def _run_parts(est, scorer, n_test: int, queries: str, n_train: int) -> dict[str, str]:
+    """What a partial file must match to be resumed, by name."""
     from .params import parameter_fingerprint
 
-    h = hashlib.sha256()
-    for part in (parameter_fingerprint(est.model_, est.layout_), repr(est.curvature_), repr(est.task_),
-                 json.dumps(est.layout_.to_dict()), tuple(factors.shape), n_train, rank_and_world()[1]):
-        h.update(str(part).encode())
-    return h.hexdigest()
+    return {"model weights": parameter_fingerprint(est.model_, est.layout_), "curvature": repr(est.curvature_),
+            "task": repr(est.task_), "attributed parameters": json.dumps(est.layout_.to_dict()),
+            "scoring configuration": repr(scorer.config), "score dtype": str(est.score_dtype),
+            "gradient method": str(est.gradient_method), "queries": f"{n_test} queries, SHA-256 {queries}",
+            "number of training examples": str(n_train), "number of processes": str(rank_and_world()[1])}
 
 
-def _same_queries(saved: torch.Tensor, factors: torch.Tensor) -> bool:
-    """The saved preconditioned queries are those of this call (up to GPU non-determinism)."""
-    if saved.shape != factors.shape or saved.dtype != factors.dtype:
-        return False
-    scale = float(factors.abs().max()) if factors.numel() else 0.0
-    return bool(torch.allclose(saved.to(factors.device), factors, rtol=1e-4, atol=1e-6 * scale))
+def _key(parts: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _read_progress(path: str) -> dict | None:
+def _read(path: str) -> dict | None:
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
-def _write_progress(path: str, data: dict) -> None:
-    from .io import atomic_write
+class _Files:
+    """The paths of one score file and its resume state."""
 
-    atomic_write(path, lambda f: f.write(json.dumps(data).encode()))
+    def __init__(self, out: str):
+        rank, world = rank_and_world()
+        self.out, self.partial, self.resume = out, out + ".partial", out + ".resume"
+        self.progress = os.path.join(self.resume, f"progress-rank{rank}of{world}.json")
+
+    def restart_hint(self) -> str:
+        return f"Delete {self.partial} and {self.resume}{os.sep} (or write to another out= path) to start over."
+
+    def prepare(self, parts: dict, shape: tuple[int, int], dtype) -> None:
+        """Rank 0: checks that a partial file belongs to this run, or creates and reserves one."""
+        progress = sorted(glob.glob(os.path.join(glob.escape(self.resume), "progress-rank*.json")))
+        if os.path.exists(self.partial) and progress:
+            for path in progress:
+                saved = _read(path) or {}
+                if saved.get("key") != _key(parts):
+                    old = saved.get("parts") if isinstance(saved.get("parts"), dict) else {}
+                    differ = [k for k, v in parts.items() if old.get(k) != v] or ["format (written by another version)"]
+                    raise InfluenceError(
+                        f"Cannot resume {self.partial}: it was written by another run (different "
+                        f"{', '.join(differ)}). {self.restart_hint()}"
+                    )
+            try:
+                mm = np.lib.format.open_memmap(self.partial, mode="r")
+                ok = mm.shape == shape and mm.dtype == dtype
+                del mm
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
+                raise InfluenceError(f"Cannot resume {self.partial}: it is not a {shape} {np.dtype(dtype)} .npy file. {self.restart_hint()}")
+            return
+        # nothing recorded yet: whatever is left belongs to no resumable run
+        shutil.rmtree(self.resume, ignore_errors=True)
+        os.makedirs(self.resume)
+        mm = np.lib.format.open_memmap(self.partial, mode="w+", dtype=dtype, shape=shape)
+        offset, nbytes = mm.offset, mm.nbytes
+        del mm
+        try:
+            reserve(self.partial, offset + nbytes, offset)
+        except OSError:
+            os.unlink(self.partial)
+            shutil.rmtree(self.resume, ignore_errors=True)
+            raise
+
+    def save(self, state: dict) -> None:
+        atomic_write(self.progress, lambda f: f.write(json.dumps(state).encode()))
 
 
-def _train_grads(est, batch: Any) -> torch.Tensor:
-    """Per-example training gradients ``(B, P)``: the estimator's gradient engine when it has
-    one (the hook path of the scoring branch), else torch.func."""
-    engine = getattr(est, "gradients_", None)
-    if engine is not None and hasattr(engine, "flat"):
-        return engine.flat(batch, "loss")
-    return per_sample_grads(est.model_, est.task_, batch, est.layout_, est.chunk_size, "loss")
-
-
-def write_pairwise(est, factors: torch.Tensor, train: Iterable[Any], out: str, every: int = 50) -> np.memmap:
-    """Writes ``factors @ G_trainᵀ`` to ``out`` block by block; returns it read-only."""
+def write_pairwise(est, scorer, test_loader: Iterable[Any], train: Iterable[Any], out: str, every: int = 50) -> np.memmap:
+    """Writes the pairwise scores to ``out`` (see the module docstring); returns it read-only."""
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ValueError(f"checkpoint_every must be a positive integer (batches); got {every!r}.")
     check_target(out)  # the final rename must not replace a link, a device or a directory
+    with exclusive_lock(out + ".lock", f"The score file {out}"):
+        _write(est, scorer, test_loader, train, _Files(out), every)
+    return np.load(out, mmap_mode="r")
+
+
+def _write(est, scorer, test_loader, train, files: _Files, every: int) -> None:
     rank, world = rank_and_world()
-    dtype = _NP_DTYPES[factors.dtype]
-    partial = out + ".partial"
-    pattern = f"{glob.escape(out)}.progress-rank*.json"
-    progress_path = f"{out}.progress-rank{rank}of{world}.json"
-    factors_path = out + ".factors.safetensors"
-
-    counts = all_gather_counts(count_examples(train, est.task_), factors.device)
-    n_train, offset = sum(counts), sum(counts[:rank])
-    key = _key(est, factors, n_train)
-    shape = (factors.shape[0], n_train)
-
-    if rank == 0:  # resume only when the partial file, the queries and every rank's progress match
-        files = glob.glob(pattern)
-        fresh = not os.path.exists(partial) or any((_read_progress(p) or {}).get("key") != key for p in files)
-        if not fresh:
-            try:
-                mm = np.lib.format.open_memmap(partial, mode="r")
-                fresh = mm.shape != shape or mm.dtype != dtype
-                del mm
-                fresh = fresh or not _same_queries(load_tensors(factors_path, "query-factors")[0]["factors"], factors)
-            except (OSError, ValueError):
-                fresh = True
-        if fresh:
-            for p in files:
-                os.unlink(p)
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            mm = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=shape)
-            mm.flush()
-            del mm
-            save_tensors(factors_path, {"factors": factors}, {"kind": "query-factors", "key": key})
+    task = est.task_
+    counts = all_gather_counts(count_examples(train, task))
+    n_test, queries = query_fingerprint(test_loader, task)
+    parts = _run_parts(est, scorer, n_test, queries, sum(counts))
+    key = _key(parts)
+    if rank == 0:
+        files.prepare(parts, (n_test, sum(counts)), np.dtype(_NP_DTYPES[est.score_dtype]))
     barrier()
-    # every rank scores with the saved queries, so a resumed matrix is one consistent matrix
-    # (cloned: a fresh, aligned buffer gives the same BLAS results as the in-memory path)
-    factors = load_tensors(factors_path, "query-factors")[0]["factors"].to(factors.device).clone()
-    done = (_read_progress(progress_path) or {}).get("batches", 0)
-    if done:
-        logger.info("pairwise_scores: resuming %s after %d training batches", out, done)
-    mm = np.lib.format.open_memmap(partial, mode="r+")
-    column = offset
-    i = -1
-    for i, batch in enumerate(track(iterate_batches(train, "train_loader"), "train scores", train)):
-        n = est.task_.num_examples(batch)
-        if i >= done:
-            G = _train_grads(est, batch)
-            check_finite(G, column - offset, "train")
-            block = factors @ G.to(factors.dtype).T
-            mm[:, column : column + n] = block.detach().cpu().numpy()
-            if (i + 1) % every == 0:
-                mm.flush()
-                _write_progress(progress_path, {"key": key, "batches": i + 1})
-        column += n
-    if column - offset != counts[rank]:
-        raise RuntimeError(
-            f"The training loader yielded {column - offset} examples on rank {rank}, but "
-            f"{counts[rank]} were counted before scoring: it must yield the same data on every pass."
-        )
-    mm.flush()
+    state = _read(files.progress) or {}
+    at_group, marks = int(state.get("group", 0)), dict(state.get("marks") or {})
+    if at_group or state.get("data"):
+        logger.info("pairwise_scores: resuming %s at query group %d after %d training batches", files.out, at_group,
+                    (state.get("data") or {}).get("batches", 0))
+    mm = np.lib.format.open_memmap(files.partial, mode="r+")
+    row, g, first = 0, -1, min(all_gather_objects(at_group))  # the ranks pin the groups in lockstep
+    for group in scorer.query_groups(test_loader, n_test):  # (enumerate would keep the last group alive)
+        g, rows = g + 1, _n(group)
+        stale = g >= first and pin(files.resume, g, group, key)
+        if g >= at_group or stale:  # stale: saved queries replaced, every rank redoes the group
+            saved = state.get("data") if g == at_group and not stale else None
+            _pass(scorer, group, train, mm, (row, row + rows), sum(counts[:rank]), counts[rank], saved, marks,
+                  lambda data, g=g: files.save({"key": key, "parts": parts, "group": g, "data": data, "marks": marks}), every, files)
+            mm.flush()
+            files.save({"key": key, "parts": parts, "group": g + 1, "data": None, "marks": marks})
+        row += rows
+        del group  # before the next group is prepared
     del mm
-    _write_progress(progress_path, {"key": key, "batches": i + 1})
     barrier()
     if rank == 0:
-        os.replace(partial, out)
-        for p in glob.glob(pattern) + [factors_path]:
-            os.unlink(p)
+        os.replace(files.partial, files.out)
+        shutil.rmtree(files.resume, ignore_errors=True)
     barrier()
-    return np.load(out, mmap_mode="r")
+
+
+def _pass(scorer, group, train, mm, rows, offset, expected, saved, marks, save, every, files) -> None:
+    """One training pass for one query group: writes ``mm[rows, offset:offset+expected]``."""
+    task = scorer.computer.task
+    batches = iter(track(iterate_batches(train, "train_loader"), "train scores", train))
+    consumed = resume_after(batches, task, saved, False, f"{files.partial} from {files.progress}",
+                            f"Pass the data it was written with. {files.restart_hint()}")
+    column = offset + consumed.examples
+    for batch in batches:
+        n = task.num_examples(batch)
+        consumed.add(batch, n)
+        block = scorer.score_batch(group, scorer.computer.compute(batch, "loss"))
+        _check_finite_scores(block, column - offset)
+        mm[rows[0] : rows[1], column : column + n] = block.detach().cpu().numpy()
+        column += n
+        if consumed.batches % every == 0:
+            _check_mark(marks, consumed, files)
+            mm.flush()
+            save(consumed.state())
+    if column - offset != expected:
+        raise RuntimeError(
+            f"The training loader yielded {column - offset} examples on rank {rank_and_world()[0]}, but "
+            f"{expected} were counted before scoring: it must yield the same data on every pass."
+        )
+    _check_mark(marks, consumed, files)
+
+
+def _check_mark(marks: dict, consumed: ConsumedData, files: _Files) -> None:
+    """Every pass (one per query group) must read the data of the first pass: compared at each
+    checkpoint the first pass recorded, before any progress past it is saved."""
+    mark, state = str(consumed.batches), consumed.state()
+    if mark not in marks:
+        marks[mark] = state["sha256"]
+    elif marks[mark] != state["sha256"]:
+        raise InfluenceError(
+            f"The training loader yielded other data for this query group than for the first one "
+            f"(its first {consumed.batches} batches differ): every pass must read the same data. "
+            f"Fix the loader (no shuffling, no random augmentation), then resume. ({files.partial})"
+        )

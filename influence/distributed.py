@@ -26,18 +26,39 @@ sized iterable of batches (e.g. a list) is split by batches (a non-list is itera
 every rank, skipping the other ranks' batches, so its data is read ``W`` times).
 
 Every rank must hold the same model weights (checked through the parameter fingerprint) and
-iterate the same loaders; the query loader is not split.
+iterate the same loaders (checked at the start of each stage through cheap fingerprints, see
+:func:`influence._fingerprint.check_same_inputs`); the query loader is not split.
+
+**Timeouts.** Every collective of the library is preceded by a monitored barrier
+(``torch.distributed.monitored_barrier``, on a gloo group) with the estimator's
+``distributed_timeout`` (default :data:`DEFAULT_TIMEOUT`, 5 minutes): when a rank does not
+arrive in time (a loader that hangs, a crashed process), the others raise
+:class:`DistributedTimeoutError` naming the stage (``"fit"``, ``"pairwise_scores"``, ...), the
+collective and, on rank 0, the ranks that did not arrive, instead of waiting for the process
+group's own timeout (30 minutes for gloo). Raise the timeout when ranks may legitimately arrive
+minutes apart (very uneven shards or devices); ``None`` relies on the process group's timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import re
+from datetime import timedelta
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.sampler import RandomSampler, SequentialSampler
 
-from .exceptions import InfluenceError
+from .exceptions import DistributedTimeoutError, InfluenceError
+
+#: seconds a rank waits at a collective for the others (``InfluenceEstimator(distributed_timeout=...)``)
+DEFAULT_TIMEOUT = 300.0
+_STAGE: contextvars.ContextVar[tuple[str, float | None]] = contextvars.ContextVar(
+    "influence_stage", default=("influence", DEFAULT_TIMEOUT)
+)
+_MONITOR_GROUPS: dict[Any, Any] = {}
 
 
 def is_active() -> bool:
@@ -147,6 +168,71 @@ def _splittable_by_examples(loader: DataLoader) -> bool:
     return loader.batch_size is not None and isinstance(loader.sampler, (SequentialSampler, RandomSampler))
 
 
+# --------------------------------------------------------------------------------- timeouts
+def check_timeout(timeout: Any) -> float | None:
+    """Validates ``distributed_timeout`` (seconds, or ``None``)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(
+            f"distributed_timeout must be a positive number of seconds or None (the process "
+            f"group's own timeout); got {timeout!r}."
+        )
+    return float(timeout)
+
+
+@contextlib.contextmanager
+def stage(name: str, timeout: float | None = DEFAULT_TIMEOUT) -> Iterator[None]:
+    """Names the enclosed stage and sets its timeout for the collectives inside (nested stages
+    are named ``outer > inner``)."""
+    outer = _STAGE.get()
+    full = name if outer[0] == "influence" else f"{outer[0]} > {name}"
+    token = _STAGE.set((full, check_timeout(timeout)))
+    try:
+        yield
+    finally:
+        _STAGE.reset(token)
+
+
+def _monitor_group():
+    """A gloo group for monitored barriers: the default group when it is gloo, else one created
+    once (by every rank, at the same first collective)."""
+    import torch.distributed as dist
+
+    default = dist.group.WORLD
+    if dist.get_backend() == "gloo":
+        return default
+    if default not in _MONITOR_GROUPS:
+        _MONITOR_GROUPS[default] = dist.new_group(backend="gloo", timeout=timedelta(seconds=_STAGE.get()[1] or 1800))
+    return _MONITOR_GROUPS[default]
+
+
+def _arrive(collective: str) -> None:
+    """Waits for every rank at ``collective`` for at most the stage's timeout (see the module
+    docstring)."""
+    name, timeout = _STAGE.get()
+    if timeout is None:
+        return
+    import torch.distributed as dist
+
+    try:
+        dist.monitored_barrier(_monitor_group(), timeout=timedelta(seconds=timeout), wait_all_ranks=True)
+    except RuntimeError as error:
+        rank = dist.get_rank()
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(error))
+        if found:
+            who = f"rank(s) {found.group(1).strip()} did not arrive"
+        elif rank == 0:
+            who = "some rank did not arrive"
+        else:
+            who = f"rank {rank} arrived but rank 0 did not confirm that all ranks did (rank 0's error names the missing ones, unless rank 0 is the one missing)"
+        raise DistributedTimeoutError(
+            f"{name}: {who} at the {collective} within distributed_timeout={timeout:g} s. A rank "
+            "whose loader hangs or that crashed stops the others; if the ranks merely run at "
+            "different speeds, pass a larger InfluenceEstimator(distributed_timeout=...)."
+        ) from error
+
+
 # --------------------------------------------------------------------------------- collectives
 def all_reduce_statistics(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sums each statistic over the ranks (in place); every rank gets the totals.
@@ -158,6 +244,7 @@ def all_reduce_statistics(stats: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         return stats
     import torch.distributed as dist
 
+    _arrive("all-reduce of the statistics")
     for key in sorted(stats):
         dist.all_reduce(stats[key], op=dist.ReduceOp.SUM)
     return stats
@@ -174,6 +261,7 @@ def all_gather_counts(count: int, device: torch.device | str = "cpu") -> list[in
         return [count]
     import torch.distributed as dist
 
+    _arrive("all-gather of the counts")
     world = dist.get_world_size()
     local = torch.tensor([count], dtype=torch.int64, device=device)
     parts = [torch.zeros_like(local) for _ in range(world)]
@@ -192,6 +280,7 @@ def all_gather_cat(local: torch.Tensor, dim: int = 0) -> torch.Tensor:
     padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=local.device)
     padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in sizes]
+    _arrive("all-gather of the results")
     dist.all_gather(parts, padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]).movedim(0, dim)
 
@@ -202,6 +291,7 @@ def all_gather_objects(obj: Any) -> list[Any]:
         return [obj]
     import torch.distributed as dist
 
+    _arrive("all-gather of the checks")
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
@@ -229,6 +319,7 @@ def barrier() -> None:
     if is_active():
         import torch.distributed as dist
 
+        _arrive("barrier")
         dist.barrier()
 
 
@@ -244,6 +335,8 @@ def check_same_model(fingerprint: str) -> None:
 
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "DistributedTimeoutError",
     "all_gather_cat",
     "all_gather_counts",
     "all_gather_objects",
@@ -256,4 +349,5 @@ __all__ = [
     "rank_and_world",
     "shard",
     "shard_bounds",
+    "stage",
 ]

@@ -12,6 +12,7 @@ query's measurement by approximately ``+score[i, j] / N`` (the leave-one-out est
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Iterable, Iterator
@@ -19,13 +20,15 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from ._files import exclusive_lock
+from ._fingerprint import check_same_inputs
 from ._loader import iterate_batches, warn_if_shuffled
 from ._params_base import ParamsMixin, check_is_fitted, clone
 from ._progress import logger, run_options, timed, track
 from ._topk import check_k, streaming_top_k
 from .curvature._base import Curvature, check_instance
 from .curvature.identity import Identity
-from .distributed import all_gather_cat, all_gather_counts, check_same_model, merge_top_k, shard
+from .distributed import DEFAULT_TIMEOUT, all_gather_cat, all_gather_counts, check_same_model, merge_top_k, shard, stage as distributed_stage
 from ._model_checks import check_deterministic, warn_if_dropout_active
 from .exceptions import ModelChangedError, NonFiniteGradientError
 from .gradients.hooks import GRADIENT_METHODS, GradientComputer
@@ -65,8 +68,9 @@ def _staged(stage: str):
             previous = getattr(self, "timings_", None)
             if stage == "fit" or previous is None:
                 self.timings_ = {}
+            timeout = getattr(self, "distributed_timeout", DEFAULT_TIMEOUT)
             try:
-                with run_options(progress=self.progress, timings=self.timings_), timed(stage):
+                with run_options(progress=self.progress, timings=self.timings_), timed(stage), distributed_stage(stage, timeout):
                     return method(self, *args, **kwargs)
             except BaseException:
                 if stage == "fit":  # a failed fit leaves the estimator as it was
@@ -103,6 +107,9 @@ class InfluenceEstimator(ParamsMixin):
             at ``fit`` and every scoring call, compute the loss of the first batch twice and
             raise :class:`~influence.exceptions.StochasticModelError` if they differ (dropout
             left on). ``False`` skips both (a warning still names active dropout modules).
+        distributed_timeout: under ``torch.distributed``, seconds a rank waits at a collective
+            for the others before raising ``DistributedTimeoutError`` naming the stage and the
+            ranks that did not arrive (default 300); ``None``: the process group's timeout.
 
     Fitted attributes: ``model_``, ``curvature_``, ``layout_``, ``num_train_``,
     ``fingerprint_``, ``timings_`` (seconds per stage, e.g. ``"fit"``, ``"pairwise_scores"``;
@@ -138,6 +145,7 @@ class InfluenceEstimator(ParamsMixin):
         gradient_method: str = "auto",
         scoring: ScoringConfig | None = None,
         self_check: bool = True,
+        distributed_timeout: float | None = DEFAULT_TIMEOUT,
     ):
         self.curvature = curvature
         self.task = task
@@ -148,6 +156,7 @@ class InfluenceEstimator(ParamsMixin):
         self.gradient_method = gradient_method
         self.scoring = scoring
         self.self_check = self_check
+        self.distributed_timeout = distributed_timeout
 
     # ----------------------------------------------------------------------------- fitting
     @_staged("fit")
@@ -187,12 +196,15 @@ class InfluenceEstimator(ParamsMixin):
         self._check_deterministic(model, task, first, "training")
         layout = select_parameters(model, self.params)
         check_same_model(parameter_fingerprint(model, layout))  # under torch.distributed
+        check_same_inputs("fit", task, train=train_loader)
         gradients = GradientComputer(model, task, layout, self.gradient_method, self.chunk_size, self.self_check)
         gradients.prepare(first)  # which layers the hook path computes (and the self-check)
         directory = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         if directory is not None and not curvature._uses_statistics():
             logger.warning("%s does not fit through the statistics protocol: checkpoint_dir is not used.", type(curvature).__name__)
-        with run_options(checkpoint_dir=directory, checkpoint_every=checkpoint_every, self_check=self.self_check):
+        lock = contextlib.nullcontext() if directory is None else exclusive_lock(
+            os.path.join(directory, ".lock"), f"The checkpoint directory {directory}")  # one fit per directory
+        with lock, run_options(checkpoint_dir=directory, checkpoint_every=checkpoint_every, self_check=self.self_check):
             fitted = clone(curvature).fit(model, task, train_loader, layout)
         state = model_state(model)
         # the fitted state is set only now, all at once: a fit that raises above leaves the
@@ -273,6 +285,7 @@ class InfluenceEstimator(ParamsMixin):
     def influence_factors(self, test_loader: Iterable[Any]) -> torch.Tensor:
         """Preconditioned query gradients ``(C + λI)⁻¹ ∇m(z_test)``, shape ``(n_test, P)``."""
         self._check_model("influence_factors()", test_loader)
+        check_same_inputs("influence_factors", self.task_, test=test_loader)
         unmeasured: list[int] = []
         blocks = [self.curvature_.solve(G) for G in self._gradients(test_loader, "measurement", "test", unmeasured)]
         report_unmeasured(unmeasured, sum(len(b) for b in blocks), "test", strict=True)
@@ -296,16 +309,19 @@ class InfluenceEstimator(ParamsMixin):
         Args:
             out: a ``.npy`` path: the matrix is written there in column blocks through a
                 memory map and a read-only ``numpy.memmap`` is returned instead of a tensor, so
-                the matrix never has to fit in memory. Progress is saved every
-                ``checkpoint_every`` training batches; the same call run again after a crash
-                resumes where it stopped (see :mod:`influence._outputs`).
+                the matrix never has to fit in memory. Its full size is reserved on disk first.
+                Progress is saved every ``checkpoint_every`` training batches; the same call
+                run again after a crash resumes where it stopped, and a partial file of other
+                data is refused; a lock keeps two runs from writing one file (see
+                :mod:`influence._outputs`).
         """
+        scorer = self._scorer("pairwise_scores()", test_loader)
+        check_same_inputs("pairwise_scores", self.task_, train=self._full_train(train_loader), test=test_loader)
         if out is not None:
             from ._outputs import write_pairwise
 
-            factors = self.influence_factors(test_loader)  # checks the model
-            return write_pairwise(self, factors, self._train(train_loader), os.fspath(out), checkpoint_every)
-        scores = self._scorer("pairwise_scores()", test_loader).pairwise(test_loader, self._train(train_loader))
+            return write_pairwise(self, scorer, test_loader, self._train(train_loader), os.fspath(out), checkpoint_every)
+        scores = scorer.pairwise(test_loader, self._train(train_loader))
         return all_gather_cat(scores, dim=1)  # the ranks' columns
 
     @_staged("self_scores")
@@ -316,6 +332,7 @@ class InfluenceEstimator(ParamsMixin):
         """
         self._check_model("self_scores()")
         self._check_first_batch(self._train(loader), "training")
+        check_same_inputs("self_scores", self.task_, train=self._full_train(loader))
         out = []
         if type(self.curvature_) is Identity and self.scoring is None:  # ghost norms
             lam, offset, unmeasured = self.curvature_._damping(None), 0, []
@@ -359,13 +376,14 @@ class InfluenceEstimator(ParamsMixin):
         """
         check_k(k)
         scorer = self._scorer("top_k()", test_loader)
-        rows = [
-            streaming_top_k(
+        check_same_inputs("top_k", self.task_, train=self._full_train(train_loader), test=test_loader)
+        rows = []
+        for queries in scorer.query_groups(test_loader):
+            rows.append(streaming_top_k(
                 scorer.columns(queries, self._train(train_loader)), k, largest,
                 reduce=lambda v, i, n: merge_top_k(v, i, n, k, largest),  # across ranks
-            )
-            for queries in scorer.query_groups(test_loader)
-        ]
+            ))
+            del queries  # before the next group is prepared
         return torch.cat([v for v, _ in rows]), torch.cat([i for _, i in rows])
 
     def _computer(self) -> GradientComputer:
@@ -381,8 +399,8 @@ class InfluenceEstimator(ParamsMixin):
         self.plan_ = scorer.plan  # filled in by the first query batch
         return scorer
 
-    def _train(self, loader: Iterable[Any] | None) -> Iterable[Any]:
-        """The training loader to score: this rank's shard under torch.distributed."""
+    def _full_train(self, loader: Iterable[Any] | None) -> Iterable[Any]:
+        """The training loader to score, before sharding."""
         if loader is None:
             if getattr(self, "curvature_", None) is not None and getattr(self, "train_loader_", None) is None:
                 raise ValueError(
@@ -390,9 +408,14 @@ class InfluenceEstimator(ParamsMixin):
                     "train_loader=... to score."
                 )
             check_is_fitted(self, "train_loader_", "scoring")
-            return shard(self.train_loader_)
-        warn_if_shuffled(loader, "train_loader")
-        return shard(loader)
+            return self.train_loader_
+        return loader
+
+    def _train(self, loader: Iterable[Any] | None) -> Iterable[Any]:
+        """The training loader to score: this rank's shard under torch.distributed."""
+        if loader is not None:
+            warn_if_shuffled(loader, "train_loader")
+        return shard(self._full_train(loader))
 
     # ----------------------------------------------------------------------------- storage
     def save(self, path: str | os.PathLike) -> None:

@@ -34,6 +34,14 @@ class CurvatureError(InfluenceError, RuntimeError):
     """A curvature could not be fitted or applied (too large, not positive definite, ...)."""
 
 
+class RunLockedError(InfluenceError, RuntimeError):
+    """Another process is writing the same score file or checkpoint directory."""
+
+
+class DistributedTimeoutError(InfluenceError, TimeoutError):
+    """Under ``torch.distributed``, a rank did not reach a collective within ``distributed_timeout``."""
+
+
 class ConvergenceWarning(UserWarning):
     """An iterative solver stopped before reaching its tolerance."""
 

@@ -339,36 +339,57 @@ class Scorer:
         return total
 
     # ------------------------------------------------------------------------ driving
-    def query_groups(self, test_loader: Iterable[Any]) -> Iterator[dict]:
-        """Yields resident query groups (all queries in one group unless ``max_memory``)."""
-        task, n_total, unmeasured = self.computer.task, 0, []
+    def query_groups(self, test_loader: Iterable[Any], n_total: int | None = None) -> Iterator[dict]:
+        """Yields resident query groups (all queries in one group unless ``max_memory``).
+
+        Each group is one set of tensors, filled batch by batch as the queries are prepared
+        (no concatenation copies): at most one group and one batch of queries are resident,
+        provided the caller drops a group before asking for the next one. A first reading pass
+        (no gradients) counts the queries and refuses those with nothing measured.
+
+        Args:
+            n_total: the number of queries, when the caller has counted them (checked).
+        """
+        task, counted, unmeasured = self.computer.task, 0, []
         for batch in iterate_batches(test_loader, "test_loader"):  # counts, and finds empty queries
-            unmeasured += unmeasured_examples(task, batch, n_total)
-            n_total += task.num_examples(batch)
-        report_unmeasured(unmeasured, n_total, "test", strict=True)
-        pending, count, size = [], 0, None
+            unmeasured += unmeasured_examples(task, batch, counted)
+            counted += task.num_examples(batch)
+        report_unmeasured(unmeasured, counted, "test", strict=True)
+        if n_total is not None and n_total != counted:
+            raise RuntimeError(
+                f"The test loader yielded {counted} queries, but {n_total} were counted before: "
+                "it must yield the same data on every pass."
+            )
+        n_total = counted
+        group, count, size = None, 0, None
         for batch in track(iterate_batches(test_loader, "test_loader"), "test gradients", test_loader):
             with timed("influence_factors"):
                 bg = self.computer.compute(batch, "measurement")
                 if not self.plan:
                     self._decide(bg, n_total)
                 block = self.query_block(bg)
+            del bg
             _check_finite_block(block, count)
-            pending.append(block)
-            count += bg.n
             if size is None:
-                size = self._group_size(block, bg.n, n_total)
-            while sum(_n(b) for b in pending) >= size:
-                merged = _merge(pending)
-                yield _slice(merged, 0, size)
-                rest_n = _n(merged) - size
-                pending = [_slice(merged, size, size + rest_n)] if rest_n else []
-        if pending:
-            yield _merge(pending)
+                size = self._group_size(block, _n(block), n_total)
+            start, n = 0, _n(block)
+            while start < n:
+                if group is None:
+                    group = _Group(block, min(size, max(n_total - count, 1)))
+                take = min(n - start, group.free)
+                group.put(block, start, start + take)
+                start, count = start + take, count + take
+                if group.free == 0:
+                    full, group = group.parts, None
+                    yield full
+                    del full
+        if group is not None:  # the loader yielded fewer queries than counted
+            yield group.trimmed()
 
     def _group_size(self, block, n_block, n_total) -> int:
         per_query = sum(t.numel() * t.element_size() for e in block.values() for t in e.values()) / n_block
         self.plan["bytes_per_query"] = int(per_query)
+        self.plan.update(group_size=n_total, resident_query_bytes=int(per_query * n_total), max_memory=self.config.max_memory)
         budget = self.config.max_memory
         if budget is None or per_query * n_total <= budget:
             return n_total
@@ -381,7 +402,7 @@ class Scorer:
             )
         groups = math.ceil(n_total / fit)
         size = math.ceil(n_total / groups)
-        self.plan.update(query_groups=groups, group_size=size)
+        self.plan.update(query_groups=groups, group_size=size, resident_query_bytes=int(per_query * size))
         warnings.warn(
             f"max_memory={budget} bytes: {n_total} queries need {int(per_query * n_total)} bytes "
             f"resident; split into {groups} groups of at most {size} queries, i.e. {groups} passes "
@@ -402,7 +423,11 @@ class Scorer:
 
     def pairwise(self, test_loader, train_loader) -> torch.Tensor:
         """``(n_test, n_train)`` scores, one training pass per query group."""
-        return torch.cat([torch.cat(list(self.columns(qs, train_loader)), 1) for qs in self.query_groups(test_loader)], 0)
+        rows = []
+        for queries in self.query_groups(test_loader):
+            rows.append(torch.cat(list(self.columns(queries, train_loader)), 1))
+            del queries  # before the next group is prepared
+        return torch.cat(rows, 0)
 
 
 def _first(bg: BatchGrads) -> torch.Tensor:
@@ -413,23 +438,36 @@ def _n(block) -> int:
     return next(iter(next(iter(block.values())).values())).shape[0]
 
 
-def _merge(blocks: list) -> dict:
-    if len(blocks) == 1:
-        return blocks[0]
-    out = {}
-    for name in blocks[0]:
-        out[name] = {}
-        for part in blocks[0][name]:
-            ts = [b[name][part] for b in blocks]
-            if ts[0].dim() >= 2 and part in ("L", "R") and len({t.shape[1] for t in ts}) > 1:
-                r = max(t.shape[1] for t in ts)  # ghost factors of different lengths: zero-pad
-                ts = [torch.cat([t, t.new_zeros(t.shape[0], r - t.shape[1], *t.shape[2:])], 1) for t in ts]
-            out[name][part] = torch.cat(ts, 0)
-    return out
+class _Group:
+    """One group of resident queries, allocated once (``size`` rows, shaped like the first
+    block) and filled by row ranges of the blocks. Ghost factors ``L``/``R`` of different
+    lengths (dim 1: tokens) are zero-padded to the longest, which adds nothing to the scores."""
 
+    def __init__(self, block: dict, size: int):
+        self.size, self.filled = size, 0
+        self.parts = {name: {p: t.new_zeros((size, *t.shape[1:])) for p, t in e.items()} for name, e in block.items()}
 
-def _slice(block, i, j) -> dict:
-    return {name: {p: t[i:j] for p, t in e.items()} for name, e in block.items()}
+    @property
+    def free(self) -> int:
+        return self.size - self.filled
+
+    def put(self, block: dict, i: int, j: int) -> None:
+        rows = slice(self.filled, self.filled + j - i)
+        for name, e in block.items():
+            for p, t in e.items():
+                dest = self.parts[name][p]
+                if t.dim() >= 2 and t.shape[1] > dest.shape[1]:  # longer ghost factors: grow
+                    grown = dest.new_zeros((dest.shape[0], t.shape[1], *dest.shape[2:]))
+                    grown[:, : dest.shape[1]] = dest
+                    dest = self.parts[name][p] = grown
+                if t.dim() >= 2:
+                    dest[rows, : t.shape[1]] = t[i:j]
+                else:
+                    dest[rows] = t[i:j]
+        self.filled += j - i
+
+    def trimmed(self) -> dict:
+        return {name: {p: t[: self.filled] for p, t in e.items()} for name, e in self.parts.items()}
 
 
 def _check_finite_block(block, offset) -> None:

@@ -1,6 +1,8 @@
-"""Runs a fit or a scoring that kills its own process (SIGKILL) after some batches.
+"""Runs a fit or a scoring that kills its own process (SIGKILL) after some batches, or a
+scoring that pauses until a file appears.
 
 Usage: python _resume_worker.py fit|score <dir> <kill_at_batch>
+       python _resume_worker.py score-wait <dir> <go_file>
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -17,13 +20,13 @@ from zoo import batches, classification_data, mlp  # noqa: E402
 from influence import ClassificationTask, Exact, Identity, InfluenceEstimator  # noqa: E402
 
 
-class KillAfter:
-    """Yields the batches; on pass ``on_pass`` the process is killed when batch ``k`` is
-    requested (fit first reads one batch to check its format; scoring to a file first counts
-    the examples in one pass)."""
+class At:
+    """Yields the batches of ``items``; on pass ``on_pass`` (0-based) calls ``action()`` when
+    batch ``k`` is requested (fit first reads one batch to check its format; scoring to a file
+    first counts the examples in one pass)."""
 
-    def __init__(self, items, k, on_pass=0):
-        self.items, self.k, self.on_pass, self.passes = items, k, on_pass, 0
+    def __init__(self, items, k, on_pass, action):
+        self.items, self.k, self.on_pass, self.action, self.passes = items, k, on_pass, action, 0
 
     def __len__(self):
         return len(self.items)
@@ -32,8 +35,17 @@ class KillAfter:
         self.passes += 1
         for i, b in enumerate(self.items):
             if i == self.k and self.passes == self.on_pass + 1:
-                os.kill(os.getpid(), signal.SIGKILL)
+                self.action()
             yield b
+
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wait_for(path):
+    while not os.path.exists(path):
+        time.sleep(0.05)
 
 
 def problem():
@@ -51,11 +63,17 @@ def score_estimator(model, train):
 
 
 if __name__ == "__main__":
-    mode, directory, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    mode, directory = sys.argv[1], sys.argv[2]
     model, train, test = problem()
+    if mode == "score-wait":
+        est = score_estimator(model, train)
+        go = sys.argv[3]
+        est.pairwise_scores(test, At(train, 2, 1, lambda: wait_for(go)), out=os.path.join(directory, "scores.npy"))
+        sys.exit(0)
+    k = int(sys.argv[3])
     if mode == "fit":
-        fit_estimator().fit(model, KillAfter(train, k, on_pass=1), checkpoint_dir=directory, checkpoint_every=2)
+        fit_estimator().fit(model, At(train, k, 1, kill), checkpoint_dir=directory, checkpoint_every=2)
     else:
         est = score_estimator(model, train)
-        est.pairwise_scores(test, KillAfter(train, k, on_pass=1), out=os.path.join(directory, "scores.npy"), checkpoint_every=2)
+        est.pairwise_scores(test, At(train, k, 1, kill), out=os.path.join(directory, "scores.npy"), checkpoint_every=2)
     sys.exit("not killed")

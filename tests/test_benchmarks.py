@@ -67,3 +67,15 @@ def test_bench_tied_smoke(tmp_path):
     assert max(result["max_rel_err_vs_all_func"].values()) < 1e-5 and result["self_scores_max_rel_err"] < 1e-5
     assert result["func_layout"] is None and result["coverage_wte"]["path"] == "hooks"  # no vmap pass
     assert (tmp_path / "bench_tied_smoke.md").exists()
+
+
+@pytest.mark.slow
+def test_bench_memory_smoke(tmp_path):
+    import bench_memory
+
+    out = bench_memory.run(smoke=True, out_dir=tmp_path)
+    plain, budget = out["results"]
+    assert plain["query_groups"] == 1 and budget["query_groups"] > 1
+    assert budget["resident_query_mb"] * (1 << 20) <= 64 << 10
+    assert abs(plain["checksum"] - budget["checksum"]) <= 1e-5 * plain["checksum"]
+    assert (tmp_path / "bench_memory_smoke.md").exists()

@@ -61,3 +61,13 @@ def test_two_gloo_processes_match_one_process(tmp_path):
                 assert torch.equal(got, expected), key
     assert int(single["num_examples"]) == _dist_worker.N_TRAIN
     assert not [f for f in os.listdir(tmp_path) if "progress" in f or f.endswith(".partial")]
+
+
+def test_distributed_timeout_is_validated():
+    model, loader, _, _ = _dist_worker.problem()
+    for bad in (0, -1.0, "5m", True):
+        est = InfluenceEstimator(Exact(damping=0.1, curvature_type="ggn"), ClassificationTask(), distributed_timeout=bad)
+        with pytest.raises(ValueError, match=r"distributed_timeout must be a positive number of seconds or None"):
+            est.fit(model, loader)
+    for good in (None, 2, 0.5):  # None: the process group's own timeout
+        InfluenceEstimator(Exact(damping=0.1, curvature_type="ggn"), ClassificationTask(), distributed_timeout=good).fit(model, loader)
