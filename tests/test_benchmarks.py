@@ -79,3 +79,14 @@ def test_bench_memory_smoke(tmp_path):
     assert budget["resident_query_mb"] * (1 << 20) <= 64 << 10
     assert abs(plain["checksum"] - budget["checksum"]) <= 1e-5 * plain["checksum"]
     assert (tmp_path / "bench_memory_smoke.md").exists()
+
+
+@pytest.mark.slow
+def test_bench_plan_smoke(tmp_path):
+    import bench_plan
+
+    out = bench_plan.run(smoke=True, out_dir=tmp_path)
+    (result,) = out["results"].values()
+    assert set(result["seconds"]) == {"plan", "plan + self-check", "stochasticity check", "one batch"}
+    assert result["hook_layers"] == 3  # the MLP's three Linear layers stay on the hook path
+    assert (tmp_path / "bench_plan_smoke.md").exists()
