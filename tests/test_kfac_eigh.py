@@ -3,7 +3,6 @@ ResNet-18's last stage at 32×32 inputs), the fallbacks when LAPACK fails, error
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
@@ -169,11 +168,9 @@ def test_kfac_on_a_narrow_resnet18_at_32x32(monkeypatch):
     g = torch.Generator().manual_seed(0)
     loader = [(torch.randn(3, 3, 32, 32, generator=g, dtype=DT), torch.randint(0, 3, (3,), generator=g)) for _ in range(2)]
     monkeypatch.setattr(torch.linalg, "eigh", picky_eigh)
-    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)
         cur = KFAC(damping=1e-2, fallback="identity").fit(model, ClassificationTask(), loader)
-    assert time.perf_counter() - start < 10
     methods = {name: entry["method"] for name, entry in cur.coverage_.items()}
     assert all(m == "kronecker" for name, m in methods.items() if "conv" in name or "downsample.0" in name or name == "fc")
     assert all(m == "identity" for name, m in methods.items() if "bn" in name or "downsample.1" in name)

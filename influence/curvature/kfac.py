@@ -104,9 +104,9 @@ class KFAC(FisherSampling, BlockCurvature):
         owner = type(self).__name__
         check_fisher_options(owner, self.fisher_type, self.num_samples, task)
         check_vmappable_modes(model)
-        # the full loader's first batch, on every rank alike: the plan decides the statistics'
-        # keys, which must agree across ranks
-        self._plan(model, layout, task=task, batch=next(iterate_batches(loader, "train_loader")))
+        # the full loader's first batch, on every rank alike (the plan decides the statistics'
+        # keys, which must agree across ranks), read only if the estimator has not planned
+        self._plan(model, layout, task=task, batch=lambda: next(iterate_batches(loader, "train_loader")))
         super()._fit(model, task, loader, layout)
         warn_fallback(owner, model, self.coverage_, self._reasons)
 

@@ -49,7 +49,7 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -133,7 +133,7 @@ def plan_layers(
     task: Task,
     layout: ParameterLayout,
     candidates: dict[str, LayerInfo],
-    batch: Any,
+    batch: Any | Callable[[], Any],
     self_check: bool = True,
 ) -> LayerPlan:
     """Decides which ``candidates`` the hook path computes exactly (see the module docstring).
@@ -141,7 +141,8 @@ def plan_layers(
     Args:
         model, task, layout: the model, how batches are read, the attributed parameters.
         candidates: layers the caller can capture (e.g. :func:`~.capture.hookable_layers`).
-        batch: one batch of the data (the first training batch at fit).
+        batch: one batch of the data (the first training batch at fit), or a function that
+            returns it, called only when the plan is not cached (no extra loader pass).
         self_check: also compare per-example gradients with torch.func on ``batch``.
     """
     # structure (module and parameter objects, as re-tying or swapping a module replaces them),
@@ -151,6 +152,8 @@ def plan_layers(
     cached = _CACHE.setdefault(model, {})
     if key in cached:
         return cached[key]
+    if callable(batch):
+        batch = batch()
     plan = LayerPlan({}, {})
     if candidates:
         shapes, uses = probe(model, task, batch, candidates, layout)
