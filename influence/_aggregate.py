@@ -15,6 +15,16 @@ not grow with the number of queries (``plan_["resident_query_bytes"]`` is one qu
 ``n``). Every hook layer holds that query dense (``"materialise"``): a sum of factored queries
 (ghost factors, low-rank SVDs) grows in rank with ``n``, so ``strategy`` and ``query_rank``
 do not apply; the projections (LoGra, TRAK) are linear and stay as configured.
+
+Examples:
+    >>> import torch
+    >>> from influence import ClassificationTask, Exact, InfluenceEstimator
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> data = [(torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0]))]
+    >>> est = InfluenceEstimator(Exact(damping=0.1), ClassificationTask(), score_dtype=torch.float64).fit(model, data)
+    >>> mean = est.pairwise_scores(data, aggregate_queries="mean")
+    >>> mean.shape, torch.allclose(mean, est.pairwise_scores(data).mean(0, keepdim=True))
+    (torch.Size([1, 6]), True)
 """
 
 from __future__ import annotations

@@ -39,6 +39,18 @@ padding the last padding position predicts the first real token under
 (the sum over ``t`` is skipped); dense queries cost ``B·T·q·d_in·d_out`` multiply-adds per layer
 (the ``q·B·d_in·d_out`` GEMM of plain scoring times ``T``). Needs every attributed parameter on
 the hook path (tied weights included); torch.func parameters see only whole examples.
+
+Examples:
+    >>> import torch
+    >>> from influence import ClassificationTask, Identity, InfluenceEstimator
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    >>> data = [(torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1]))]
+    >>> est = InfluenceEstimator(Identity(), ClassificationTask(), score_dtype=torch.float64).fit(model, data)
+    >>> parts = est.pairwise_scores(data, per_module=True)
+    >>> parts.shape, est.module_names_
+    (torch.Size([5, 5, 2]), ('0', '2'))
+    >>> torch.allclose(parts.sum(-1), est.pairwise_scores(data))
+    True
 """
 
 from __future__ import annotations

@@ -174,6 +174,21 @@ def test_padding_tokens_score_exactly_zero():
     torch.testing.assert_close(tokens.sum(-1), est.pairwise_scores(test), rtol=1e-12, atol=1e-12)
 
 
+def test_left_padding_keeps_the_term_predicting_the_first_real_token():
+    """Left padding: LanguageModelingTask's loss predicts the first real token from the last
+    padding position, so that position (only) carries a term; the sums stay exact."""
+    model, task = zoo.tiny_lm(), LanguageModelingTask()
+    right = zoo.lm_batch(n=3, T=8, seed=1, lengths=[8, 5, 3])
+    pads = 8 - right["attention_mask"].sum(1)
+    left = {k: torch.stack([v[i].roll(int(pads[i])) for i in range(3)]) for k, v in right.items()}
+    est = InfluenceEstimator(Identity(), task, score_dtype=torch.float64).fit(model, [left])
+    tokens = est.pairwise_scores([zoo.lm_batch(n=2, seed=3)], per_token=True)
+    for j, p in enumerate(pads.tolist()):
+        assert not tokens[:, j, : max(p - 1, 0)].any()
+        assert p == 0 or tokens[:, j, p - 1].abs().min() > 0
+    torch.testing.assert_close(tokens.sum(-1), est.pairwise_scores([zoo.lm_batch(n=2, seed=3)]), rtol=1e-12, atol=1e-12)
+
+
 def test_split_scores_under_query_groups_and_aggregation():
     """max_memory groups and an aggregated query give the same splits."""
     model, task, test, train = lm_case()
