@@ -7,7 +7,8 @@ set) and writes each training batch's ``(group rows, B)`` block into ``scores.np
 ``scores.npy`` when every entry is written, so a half-written matrix never appears under the
 final name. Memory holds one group of resident queries (all of them unless
 ``ScoringConfig(max_memory=...)`` splits them; one training pass per group) and one block,
-never the matrix.
+never the matrix. With ``aggregate_queries`` the file holds one row, the aggregated query's
+(:mod:`influence._aggregate`); per-module and per-token splits are not written to files.
 
 Before any gradient is computed, the run
 
@@ -76,11 +77,14 @@ def _run_parts(est, scorer, n_test: int, queries: str, n_train: int) -> dict[str
     """What a partial file must match to be resumed, by name."""
     from .params import parameter_fingerprint
 
-    return {"model weights": parameter_fingerprint(est.model_, est.layout_), "curvature": repr(est.curvature_),
-            "task": repr(est.task_), "attributed parameters": json.dumps(est.layout_.to_dict()),
-            "scoring configuration": repr(scorer.config), "score dtype": str(est.score_dtype),
-            "gradient method": str(est.gradient_method), "queries": f"{n_test} queries, SHA-256 {queries}",
-            "number of training examples": str(n_train), "number of processes": str(rank_and_world()[1])}
+    parts = {"model weights": parameter_fingerprint(est.model_, est.layout_), "curvature": repr(est.curvature_),
+             "task": repr(est.task_), "attributed parameters": json.dumps(est.layout_.to_dict()),
+             "scoring configuration": repr(scorer.config), "score dtype": str(est.score_dtype),
+             "gradient method": str(est.gradient_method), "queries": f"{n_test} queries, SHA-256 {queries}",
+             "number of training examples": str(n_train), "number of processes": str(rank_and_world()[1])}
+    if scorer.aggregate is not None:  # (absent otherwise: files of earlier runs still resume)
+        parts["query aggregation"] = scorer.aggregate
+    return parts
 
 
 def _key(parts: dict[str, str]) -> str:
@@ -115,7 +119,7 @@ class _Files:
                 saved = _read(path) or {}
                 if saved.get("key") != _key(parts):
                     old = saved.get("parts") if isinstance(saved.get("parts"), dict) else {}
-                    differ = [k for k, v in parts.items() if old.get(k) != v] or ["format (written by another version)"]
+                    differ = [k for k in {**parts, **old} if old.get(k) != parts.get(k)] or ["format (written by another version)"]
                     raise InfluenceError(
                         f"Cannot resume {self.partial}: it was written by another run (different "
                         f"{', '.join(differ)}). {self.restart_hint()}"
@@ -163,8 +167,9 @@ def _write(est, scorer, test_loader, train, files: _Files, every: int) -> None:
     n_test, queries = query_fingerprint(test_loader, task)
     parts = _run_parts(est, scorer, n_test, queries, sum(counts))
     key = _key(parts)
-    if rank == 0:
-        files.prepare(parts, (n_test, sum(counts)), np.dtype(_NP_DTYPES[est.score_dtype]))
+    if rank == 0:  # aggregated queries: one row
+        rows = 1 if scorer.aggregate is not None else n_test
+        files.prepare(parts, (rows, sum(counts)), np.dtype(_NP_DTYPES[est.score_dtype]))
     barrier()
     state = _read(files.progress) or {}
     at_group, marks = int(state.get("group", 0)), dict(state.get("marks") or {})

@@ -300,6 +300,9 @@ class InfluenceEstimator(ParamsMixin):
         *,
         out: str | os.PathLike | None = None,
         checkpoint_every: int = 50,
+        per_module: bool = False,
+        per_token: bool = False,
+        aggregate_queries: bool | str = False,
     ) -> torch.Tensor:
         """Scores of every training example on every query, shape ``(n_test, n_train)``.
 
@@ -314,14 +317,31 @@ class InfluenceEstimator(ParamsMixin):
                 run again after a crash resumes where it stopped, and a partial file of other
                 data is refused; a lock keeps two runs from writing one file (see
                 :mod:`influence._outputs`).
+            per_module: ``(n_test, n_train, n_modules)``: each module's term of the score, in
+                :attr:`module_names_` order, summing over modules to the score (for curvatures
+                that couple modules, a decomposition of the sum; :mod:`influence._decompose`).
+            per_token: language models: ``(n_test, n_train, T)``, the term of each token
+                position ``t`` of the training sequence (``T``: the longest), summing over
+                tokens to the score, 0 past a sequence's end (:mod:`influence._decompose`).
+            aggregate_queries: ``True`` or ``"mean"`` (``"sum"``): score the mean (sum) of the
+                preconditioned queries as one query, in one pass with one resident query;
+                the query axis has length 1 (:mod:`influence._aggregate`).
         """
-        scorer = self._scorer("pairwise_scores()", test_loader)
+        from ._decompose import check_split, check_supported, split_pairwise
+
+        split = check_split(per_module, per_token, out)
+        scorer = self._scorer("pairwise_scores()", test_loader, aggregate_queries)
+        if split:
+            check_supported(split, scorer, self.task_, self._train(train_loader))
         check_same_inputs("pairwise_scores", self.task_, train=self._full_train(train_loader), test=test_loader)
         if out is not None:
             from ._outputs import write_pairwise
 
             return write_pairwise(self, scorer, test_loader, self._train(train_loader), os.fspath(out), checkpoint_every)
-        scores = scorer.pairwise(test_loader, self._train(train_loader))
+        if split:
+            scores = split_pairwise(scorer, test_loader, self._train(train_loader), split)
+        else:
+            scores = scorer.pairwise(test_loader, self._train(train_loader))
         return all_gather_cat(scores, dim=1)  # the ranks' columns
 
     @_staged("self_scores")
@@ -365,17 +385,21 @@ class InfluenceEstimator(ParamsMixin):
         k: int,
         largest: bool = True,
         train_loader: Iterable[Any] | None = None,
+        *,
+        aggregate_queries: bool | str = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` most helpful (``largest=False``: most harmful) training examples per query.
 
         Streams the training set, keeping only a running top-k: memory ``O(n_test · k)``.
+        ``aggregate_queries="mean"`` (or ``True``, or ``"sum"``) ranks for the mean (sum) of
+        the queries, as :meth:`pairwise_scores` does (one row).
 
         Returns:
             ``(values, indices)``, each ``(n_test, k)``, sorted from most to least extreme;
             indices count training examples in loader order.
         """
         check_k(k)
-        scorer = self._scorer("top_k()", test_loader)
+        scorer = self._scorer("top_k()", test_loader, aggregate_queries)
         check_same_inputs("top_k", self.task_, train=self._full_train(train_loader), test=test_loader)
         rows = []
         for queries in scorer.query_groups(test_loader):
@@ -392,10 +416,19 @@ class InfluenceEstimator(ParamsMixin):
             self.gradients_ = GradientComputer(self.model_, self.task_, self.layout_, self.gradient_method, self.chunk_size, self.self_check)
         return self.gradients_
 
-    def _scorer(self, method: str, test_loader: Iterable[Any]) -> Scorer:
+    @property
+    def module_names_(self) -> tuple[str, ...]:
+        """The modules holding attributed parameters, in :attr:`gradient_coverage_` order: the
+        last axis of ``pairwise_scores(..., per_module=True)``."""
+        return tuple(self.gradient_coverage_)
+
+    def _scorer(self, method: str, test_loader: Iterable[Any], aggregate_queries: bool | str = False) -> Scorer:
         """Single-pass scorer (resident queries; see :mod:`influence.scoring`); sets ``plan_``."""
+        from ._aggregate import check_aggregate
+
+        aggregate = check_aggregate(aggregate_queries)
         self._check_model(method, test_loader)
-        scorer = Scorer(self._computer(), self.curvature_, self.scoring, self.score_dtype)
+        scorer = Scorer(self._computer(), self.curvature_, self.scoring, self.score_dtype, aggregate)
         self.plan_ = scorer.plan  # filled in by the first query batch
         return scorer
 

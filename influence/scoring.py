@@ -133,10 +133,14 @@ class Scorer:
         curvature: a fitted curvature; ``Identity`` enables exact ghost scoring.
         config: a :class:`ScoringConfig` (``None``: defaults).
         score_dtype: accumulation dtype (float32 or float64).
+        aggregate: ``None``, ``"mean"`` or ``"sum"``: score one query, the mean (sum) of the
+            preconditioned query gradients, held dense (:mod:`influence._aggregate`).
     """
 
-    def __init__(self, computer: GradientComputer, curvature: Curvature, config: ScoringConfig | None = None, score_dtype=torch.float32):
+    def __init__(self, computer: GradientComputer, curvature: Curvature, config: ScoringConfig | None = None,
+                 score_dtype=torch.float32, aggregate: str | None = None):
         self.computer = computer
+        self.aggregate = aggregate
         self.curvature = curvature
         self.config = ScoringConfig() if config is None else config
         self.config.validate()
@@ -175,6 +179,8 @@ class Scorer:
                 mode, why = "dense_projection", "projection='dense' (TRAK) on the flat gradient"
             elif cfg.projection == "factored":
                 mode, why = "projected", "projection='factored' (LoGra)"
+            elif self.aggregate is not None:  # a sum of factored queries grows in rank
+                mode, why = "materialise", "aggregated query: one dense query (a sum of factored queries grows in rank)"
             elif wanted != "auto":
                 mode, why = wanted, "set by strategy"
             elif not self.identity and cfg.query_rank is None:
@@ -226,6 +232,11 @@ class Scorer:
 
     def _project_train(self, name, f: LayerFactors, idx) -> torch.Tensor:
         """``Σ_t (P_out g_t)(P_in a_t)ᵀ``, ``(B, k_out · k_in)``."""
+        g, a = self.projected_factors(name, f, idx)
+        return torch.bmm(g.transpose(1, 2), a).reshape(g.shape[0], -1)
+
+    def projected_factors(self, name, f: LayerFactors, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P_out g_t, P_in a_t)`` per token, ``(B, T, k_out)`` and ``(B, T, k_in)``."""
         p_in, p_out = self._proj_mats(name, f, idx)
         a, g = f.a, f.g
         if f.info.kind == "embedding":
@@ -238,7 +249,7 @@ class Scorer:
             a = a @ p_in.T
         if p_out is not None:
             g = g @ p_out.T
-        return torch.bmm(g.transpose(1, 2), a).reshape(g.shape[0], -1)
+        return g, a
 
     def _project_query(self, name, f, W, idx) -> torch.Tensor:
         p_in, p_out = self._proj_mats(name, f, idx)
@@ -250,15 +261,17 @@ class Scorer:
             W = W @ p_in.T
         return W.reshape(W.shape[0], -1)
 
-    def query_block(self, bg: BatchGrads) -> dict[str, dict[str, torch.Tensor]]:
-        """Resident form of one batch of preconditioned queries (``{layer: {part: (n, ...)}}``)."""
+    def query_block(self, bg: BatchGrads, cast: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """Resident form of one batch of preconditioned queries (``{layer: {part: (n, ...)}}``);
+        ``cast=False`` keeps the gradients' dtype (``precision="bf16"`` casts later)."""
+        cast = self._cast if cast else (lambda t: t)
         cfg, comp = self.config, self.computer
         pre = None
         if not self.identity or cfg.projection == "dense":
             flat = bg.flat()
             pre = flat / self.lam if self.identity else self.curvature.solve(flat)
         if cfg.projection == "dense":
-            return {"__proj__": {"w": self._cast(self._project_flat(pre))}}
+            return {"__proj__": {"w": cast(self._project_flat(pre))}}
         out = {}
         for idx, (name, f) in enumerate(bg.layers.items()):
             mode, info, e = self.plan["layers"][name]["mode"], f.info, {}
@@ -275,15 +288,16 @@ class Scorer:
                 e["w"] = self._layer_weights(name, f, pre).reshape(bg.n, -1)
             if info.bias is not None:
                 e["b"] = f.g.sum(1) / self.lam if pre is None else pre[:, comp.slices[info.bias]]
-            out[name] = {k: self._cast(v) for k, v in e.items()}
+            out[name] = {k: cast(v) for k, v in e.items()}
         if comp.rest_layout is not None:
             rest = bg.rest / self.lam if pre is None else torch.cat([pre[:, comp.slices[n]] for n, _ in comp.rest_slices], 1)
-            out[_REST] = {"w": self._cast(rest)}
+            out[_REST] = {"w": cast(rest)}
         return out
 
     # ------------------------------------------------------------------------ training side
-    def _factored(self, f: LayerFactors, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        """``Σ_t Σ_k (g_tᵀL_ik)(R_ikᵀa_t)``, shape ``(q, B)``, chunked over examples."""
+    def _factored(self, f: LayerFactors, L: torch.Tensor, R: torch.Tensor, tokens: bool = False) -> torch.Tensor:
+        """``Σ_t Σ_k (g_tᵀL_ik)(R_ikᵀa_t)``, shape ``(q, B)``, chunked over examples; with
+        ``tokens=True`` the terms of each token ``t`` kept apart, ``(q, B, T)``."""
         B, T, d_out = f.g.shape
         q, r = L.shape[0], L.shape[1]
         Lf, out = L.reshape(q * r, -1), []
@@ -302,7 +316,8 @@ class Scorer:
                 AR = AR * (a.reshape(-1, 1) != f.info.module.padding_idx)
             if f.info.kind == "embedding" and R.dtype == torch.long and f.info.module.padding_idx is not None:
                 AR = AR * (R.reshape(1, -1) != f.info.module.padding_idx)
-            out.append((GL * AR).reshape(b, T, q, r).sum((1, 3)).T)
+            terms = (GL * AR).reshape(b, T, q, r)
+            out.append(terms.sum(3).permute(2, 0, 1) if tokens else terms.sum((1, 3)).T)
         return torch.cat(out, 1)
 
     def _buffer(self, name, shape, like) -> torch.Tensor:
@@ -314,12 +329,21 @@ class Scorer:
 
     def score_batch(self, queries: dict, bg: BatchGrads) -> torch.Tensor:
         """Scores ``(q, B)`` of one training batch against all resident queries."""
-        comp, sd = self.computer, self.score_dtype
+        comp = self.computer
         if "__proj__" in queries:
             flat = bg.flat(self._buffer("__flat__", (bg.n, comp.layout.num_params), _first(bg)))
             Gp = self._cast(self._project_flat(flat))
-            return (queries["__proj__"]["w"] @ Gp.T).to(sd)
+            return (queries["__proj__"]["w"] @ Gp.T).to(self.score_dtype)
         total = None
+        for _, s in self.layer_terms(queries, bg):
+            total = s if total is None else total + s
+        return total
+
+    def layer_terms(self, queries: dict, bg: BatchGrads, by_parameter: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """The terms ``(name, (q, B) scores)`` whose sum is :meth:`score_batch`: one per hook
+        layer (weight and bias), then the dense rest, in one GEMM (named ``_REST``) or, with
+        ``by_parameter=True``, one per parameter (named by the parameter)."""
+        comp, sd = self.computer, self.score_dtype
         for idx, (name, f) in enumerate(bg.layers.items()):
             e, mode = queries[name], self.plan["layers"][name]["mode"]
             if mode == "factored":
@@ -332,11 +356,14 @@ class Scorer:
             s = s.to(sd)
             if "b" in e:
                 s = s + (e["b"] @ self._cast(f.g.sum(1)).T).to(sd)
-            total = s if total is None else total + s
+            yield name, s
         if _REST in queries:
-            s = (queries[_REST]["w"] @ self._cast(bg.rest).T).to(sd)
-            total = s if total is None else total + s
-        return total
+            w, rest = queries[_REST]["w"], self._cast(bg.rest)
+            if by_parameter:
+                for pname, sl in comp.rest_slices:
+                    yield pname, (w[:, sl] @ rest[:, sl].T).to(sd)
+            else:
+                yield _REST, (w @ rest.T).to(sd)
 
     # ------------------------------------------------------------------------ driving
     def query_groups(self, test_loader: Iterable[Any], n_total: int | None = None) -> Iterator[dict]:
@@ -347,28 +374,22 @@ class Scorer:
         provided the caller drops a group before asking for the next one. A first reading pass
         (no gradients) counts the queries and refuses those with nothing measured.
 
+        With ``aggregate``, yields one group: the mean (sum) of all the queries
+        (:func:`influence._aggregate.aggregated_query`).
+
         Args:
             n_total: the number of queries, when the caller has counted them (checked).
         """
-        task, counted, unmeasured = self.computer.task, 0, []
-        for batch in iterate_batches(test_loader, "test_loader"):  # counts, and finds empty queries
-            unmeasured += unmeasured_examples(task, batch, counted)
-            counted += task.num_examples(batch)
-        report_unmeasured(unmeasured, counted, "test", strict=True)
-        if n_total is not None and n_total != counted:
-            raise RuntimeError(
-                f"The test loader yielded {counted} queries, but {n_total} were counted before: "
-                "it must yield the same data on every pass."
-            )
-        n_total = counted
+        n_total = self.count_queries(test_loader, n_total)
+        if self.aggregate is not None:
+            from ._aggregate import aggregated_query
+
+            yield aggregated_query(self, test_loader, n_total)
+            return
         group, count, size = None, 0, None
         for batch in track(iterate_batches(test_loader, "test_loader"), "test gradients", test_loader):
             with timed("influence_factors"):
-                bg = self.computer.compute(batch, "measurement")
-                if not self.plan:
-                    self._decide(bg, n_total)
-                block = self.query_block(bg)
-            del bg
+                block = self.prepare_queries(batch, n_total)
             _check_finite_block(block, count)
             if size is None:
                 size = self._group_size(block, _n(block), n_total)
@@ -385,6 +406,28 @@ class Scorer:
                     del full
         if group is not None:  # the loader yielded fewer queries than counted
             yield group.trimmed()
+
+    def count_queries(self, test_loader: Iterable[Any], n_total: int | None = None) -> int:
+        """Counts the queries in one reading pass (no gradients), refusing a loader whose
+        queries all have nothing measured, and checks ``n_total`` when given."""
+        task, counted, unmeasured = self.computer.task, 0, []
+        for batch in iterate_batches(test_loader, "test_loader"):  # counts, and finds empty queries
+            unmeasured += unmeasured_examples(task, batch, counted)
+            counted += task.num_examples(batch)
+        report_unmeasured(unmeasured, counted, "test", strict=True)
+        if n_total is not None and n_total != counted:
+            raise RuntimeError(
+                f"The test loader yielded {counted} queries, but {n_total} were counted before: "
+                "it must yield the same data on every pass."
+            )
+        return counted
+
+    def prepare_queries(self, batch: Any, n_total: int, cast: bool = True) -> dict:
+        """One batch of queries in resident form (plans the layers on the first batch)."""
+        bg = self.computer.compute(batch, "measurement")
+        if not self.plan:
+            self._decide(bg, n_total)
+        return self.query_block(bg, cast)
 
     def _group_size(self, block, n_block, n_total) -> int:
         per_query = sum(t.numel() * t.element_size() for e in block.values() for t in e.values()) / n_block

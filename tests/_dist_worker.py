@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
-from zoo import classification_data, mlp
+from zoo import classification_data, lm_batch, mlp, tiny_lm
 
 N_TRAIN = 7  # uneven: 3 + 4 examples, or 1 + 2 batches
 
@@ -46,6 +46,14 @@ def run(est_factory, model, loader, batches, test, out_dir, tag):
     res["matrix_checkpointed"] = est_c.curvature_.matrix_
     mm = est.pairwise_scores(test, out=os.path.join(out_dir, f"{tag}.npy"))
     res["memmap"] = torch.from_numpy(mm.copy())
+    res["per_module"] = est.pairwise_scores(test, per_module=True)
+    res["aggregate"] = est.pairwise_scores(test, aggregate_queries="sum")
+    # per token: the shards' longest sequences differ (rank 0: 5 tokens, rank 1: 8 and 6)
+    from influence import Identity, InfluenceEstimator, LanguageModelingTask
+
+    lm_train = [lm_batch(n=2, T=5, seed=1), lm_batch(n=3, T=8, seed=2), lm_batch(n=2, T=6, seed=3)]
+    lm = InfluenceEstimator(Identity(), LanguageModelingTask(), score_dtype=torch.float64).fit(tiny_lm(), lm_train)
+    res["per_token"] = lm.pairwise_scores([lm_batch(n=2, seed=4)], per_token=True)
     return res
 
 

@@ -90,3 +90,14 @@ def test_bench_plan_smoke(tmp_path):
     assert set(result["seconds"]) == {"plan", "plan + self-check", "stochasticity check", "one batch"}
     assert result["hook_layers"] == 3  # the MLP's three Linear layers stay on the hook path
     assert (tmp_path / "bench_plan_smoke.md").exists()
+
+
+@pytest.mark.slow
+def test_bench_decompose_smoke(tmp_path):
+    import bench_decompose
+
+    out = bench_decompose.run(smoke=True, out_dir=tmp_path)
+    for label, result in out["results"].items():
+        assert result["max_rel_diff"]["per_module"] < 1e-5 and result["max_rel_diff"]["per_token"] < 1e-5, label
+    assert out["results"]["identity"]["max_rel_diff"]["aggregate"] < 1e-5
+    assert (tmp_path / "bench_decompose_smoke.md").exists()

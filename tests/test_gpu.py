@@ -145,3 +145,21 @@ def test_true_fisher_sampling_on_cuda():
     model, task, loader = zoo.tiny_lm().cuda(), LanguageModelingTask(), to(zoo.dict_batches(zoo.lm_batch(n=4, labels=True), 2), "cuda")
     est = InfluenceEstimator(influence.EKFAC(damping=0.1), task).fit(model, loader)  # true Fisher, sampled on CUDA
     assert torch.isfinite(est.pairwise_scores(loader[:1])).all()
+
+
+@pytest.mark.parametrize("config", ["auto", "factored", "logra"])
+@pytest.mark.parametrize("name,model,task,loader", CASES, ids=[c[0] for c in CASES])
+def test_split_and_aggregated_scores_cpu_cuda_parity(name, model, task, loader, config):
+    """per_module, per_token (the LM) and aggregate_queries on CUDA equal the CPU's."""
+    calls = [("per_module", {"per_module": True}), ("aggregate", {"aggregate_queries": "mean"})]
+    if name == "lm":
+        calls.append(("per_token", {"per_token": True}))
+
+    def make(model, loader):
+        est = InfluenceEstimator(influence.EKFAC(damping=0.1, fisher_type="empirical"), task, score_dtype=torch.float64,
+                                 scoring=CONFIGS[config]).fit(model, loader)
+        return tuple(est.pairwise_scores(loader[:1], **kw) for _, kw in calls)
+
+    cpu, gpu = on_both(make, model, loader)
+    for (label, _), c, g in zip(calls, cpu, gpu):
+        torch.testing.assert_close(g, c, rtol=1e-7, atol=1e-9, msg=label)

@@ -414,3 +414,18 @@ def test_stock_gpt2_runs_no_torch_func_pass(monkeypatch):
     assert comp.func_layout is None and comp.rest_layout.names == ("transformer.wte.weight",)
     torch.testing.assert_close(G, loop_grads(model, task.loss, batch, list(layout.names)), rtol=1e-9, atol=1e-12)
     assert comp.coverage()["transformer.wte"]["reason"] == "tied: contributions of transformer.wte (Embedding) and lm_head (Linear) summed"
+
+
+def test_self_check_accepts_a_zero_gradient_in_float32():
+    """The attention key bias has an exactly zero gradient (softmax ignores a shift shared by
+    all keys): in float32 both paths return rounding noise there, which the self-check must not
+    take for a mismatch (it sent every float32 TinyLM's ``attn.k`` to torch.func)."""
+    import warnings
+
+    for seed in range(3):
+        model = zoo.tiny_lm(seed=seed, d_model=32, n_heads=4).float()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no FallbackWarning
+            comp = GradientComputer(model, LanguageModelingTask(), select_parameters(model))
+            comp.prepare(zoo.lm_batch(n=6, seed=seed))
+        assert not comp.plan.rejected and comp.func_layout is None

@@ -54,13 +54,18 @@ class BatchGrads:
         rest: ``(n, P_rest)`` dense gradients of the other parameters (or ``None``), in the
             order of ``computer.rest_layout``: tied weights (summed on the hook path) and
             the torch.func parameters.
+        members: ``{module_name: LayerFactors}`` of the tied layers, whose contributions
+            ``rest`` holds summed; kept only while ``computer.keep_tie_factors`` is set (for
+            per-token scores, :mod:`influence._decompose`), empty otherwise.
     """
 
-    def __init__(self, computer: "GradientComputer", n: int, layers: dict[str, LayerFactors], rest):
+    def __init__(self, computer: "GradientComputer", n: int, layers: dict[str, LayerFactors], rest,
+                 members: dict[str, LayerFactors] | None = None):
         self.computer = computer
         self.n = n
         self.layers = layers
         self.rest = rest
+        self.members = members or {}
 
     def flat(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """Materialised ``(n, P)`` gradients in the layout's order, written into ``out``."""
@@ -153,6 +158,7 @@ class GradientComputer:
         self.plan: LayerPlan | None = None if self.candidates else LayerPlan({})
         self.layers: dict[str, LayerInfo] = {}
         self.ties: dict[str, tuple[LayerInfo, ...]] = {}
+        self.keep_tie_factors = False  # BatchGrads.members: per-token scores only (memory)
         self._setup()
 
     def prepare(self, batch: Any) -> LayerPlan:
@@ -257,7 +263,8 @@ class GradientComputer:
                     a = a.reshape(n, -1, info.d_in)
                 factors[name] = LayerFactors(info, a, g)
         members = {name: factors.pop(name) for name in self.captured if name not in self.layers}
-        return BatchGrads(self, n, factors, self._dense(batch, objective, n, members))
+        rest = self._dense(batch, objective, n, members)
+        return BatchGrads(self, n, factors, rest, members if self.keep_tie_factors else None)
 
     def _dense(self, batch: Any, objective: str, n: int, members: dict[str, LayerFactors]) -> torch.Tensor | None:
         """``(n, P_rest)``: each tied weight's members' contributions summed in place, and the
