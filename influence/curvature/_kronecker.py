@@ -10,8 +10,8 @@ inputs), the per-example gradient of the weight matrix ``W (d_out × d_in)`` is
 - ``A = (1/M) Σ_i Σ_t a_t a_tᵀ``: mean over the ``M`` non-padding tokens (per token);
 - ``S = (1/(N·K)) Σ_i Σ_k Σ_t s_t s_tᵀ``: mean over the ``N`` examples (and ``K`` sampled
   targets for the true Fisher) of the token sums (per example); for the expected Fisher the
-  ``K`` square-root columns of an example are summed instead (``S = (1/N) Σ_i Σ_k Σ_t s s ᵀ``,
-  see :mod:`influence.curvature._fisher`).
+  ``K`` square-root columns of an example are summed instead,
+  ``S = (1/N) Σ_i Σ_k Σ_t s_t s_tᵀ`` (see :mod:`influence.curvature._fisher`).
 
 This is exact whenever ``a`` is the same for every token and example (``A`` of rank one) or
 there is one example with one token, and under K-FAC's independence assumption it matches

@@ -14,12 +14,12 @@ class Diagonal(FisherSampling, BlockCurvature):
     drawn from the model's predictive distribution (seeded by ``seed``); ``"expected"`` takes
     that expectation exactly (``d`` is the diagonal of ``Exact(curvature_type="ggn")``), from
     the square-root columns of the output Hessian, up to ``max_classes`` of them (else it
-    samples, as for :class:`KFAC`). Per-example gradients
-    come from :func:`~influence.gradients.per_sample_grads`, so any module is covered.
+    samples, as for :class:`KFAC`). Per-example gradients come from
+    :func:`~influence.gradients.per_sample_grads`, so any module is covered.
     ``solve(G) = G / (d + λ)``. Fitted: ``blocks_``, ``diagonal_``, ``coverage_``,
-    ``fisher_plan_`` (as :class:`KFAC`'s), ``statistics_`` (sums and counts), ``num_examples_``. Fitting runs the statistics protocol
-    (sharded and all-reduced under ``torch.distributed``, resumable with ``checkpoint_dir``);
-    saving stores ``statistics_``.
+    ``fisher_plan_`` (as :class:`KFAC`'s), ``statistics_`` (sums and counts), ``num_examples_``.
+    Fitting runs the statistics protocol (sharded and all-reduced under ``torch.distributed``,
+    resumable with ``checkpoint_dir``); saving stores ``statistics_``.
 
     Examples:
         >>> import torch

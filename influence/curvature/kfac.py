@@ -52,9 +52,9 @@ class KFAC(FisherSampling, BlockCurvature):
     Args:
         damping: ``λ``, absolute, added at solve time.
         fisher_type: ``"true"`` (sampled targets), ``"empirical"`` (labels) or ``"expected"``
-            (exact expectation over the targets: the Gauss-Newton matrix's factors, no sampling
-            noise, ``C`` vector-Jacobian products per example; the most accurate for
-            classifiers with few classes and for regression).
+            (the exact expectation over the targets: the Gauss-Newton matrix's statistics
+            without sampling noise, deterministic; ``C`` vector-Jacobian products per example
+            instead of one).
         num_samples: sampled targets per example for ``"true"`` (and ``"expected"`` where it
             falls back to sampling).
         seed: keys the sampled targets, with each example's global index (reproducible fits, the
