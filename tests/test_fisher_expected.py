@@ -3,6 +3,7 @@ statistics from the square-root columns of the output Hessian) against dense flo
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -84,7 +85,8 @@ def ggn_in_eigenbasis(block, G):
     diagonal in the block's Kronecker eigenbasis."""
     P = G.shape[0]
     E = block.to_matrix(torch.eye(P, dtype=DT)).reshape(P, -1)  # flat coordinates -> block's
-    Q = torch.kron(block.Q_S, block.Q_A)
+    Q_A = block.Q_A if block.Q_A is not None else torch.eye(block.eigenvalues.shape[1], dtype=DT)  # Embedding
+    Q = torch.kron(block.Q_S, Q_A)
     return torch.diagonal(Q.T @ (E.T @ G @ E) @ Q).reshape(block.eigenvalues.shape)
 
 
@@ -136,8 +138,11 @@ def test_expected_fisher_does_not_depend_on_the_batching(cls):
 def test_expected_falls_back_to_sampling_for_language_models_and_many_classes():
     model = zoo.tiny_lm(n_layers=1, d_model=4, d_ff=6, vocab=7)
     task, loader = LanguageModelingTask(), zoo.dict_batches(zoo.lm_batch(n=3, T=5, vocab=7), 2)
-    with pytest.warns(FallbackWarning, match=r"EKFAC\(fisher_type='expected'\): LanguageModelingTask has no closed-form square root.*num_samples=2 target"):
+    with warnings.catch_warnings(record=True) as caught:  # also the LayerNorms' coverage warning
+        warnings.simplefilter("always")
         expected = EKFAC(fisher_type="expected", num_samples=2, fallback="identity").fit(model, task, loader)
+    said = r"EKFAC\(fisher_type='expected'\): LanguageModelingTask has no closed-form square root.*num_samples=2 target"
+    assert any(w.category is FallbackWarning and re.search(said, str(w.message)) for w in caught)
     assert expected.fisher_plan_["computed"] == "true" and expected.fisher_plan_["num_samples"] == 2
     sampled = quiet(EKFAC(fisher_type="true", num_samples=2, fallback="identity"), model, task, loader)
     for key, value in sampled.statistics_.items():  # exactly what fisher_type="true" computes
@@ -203,3 +208,20 @@ def test_expected_errors():
     bad_plan = {"fisher_plan_": {"computed": "expected", "columns": "__import__('os')", "code": 1}}
     with pytest.raises(ValueError, match="the saved fisher_plan_ is malformed"):
         cur._load_state({}, bad_plan, cur.layout_, model)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_expected_ekfac_on_a_transformer_layer_equals_the_dense_ggn(batch_first):
+    # nn.TransformerEncoderLayer (sequence-first at B == T: the batch axis comes from the layer
+    # plan, not from shapes), an Embedding and tokens that interact through attention: EK-FAC's
+    # eigenvalues are still the GGN's exact diagonal in each layer's Kronecker eigenbasis
+    from test_model_zoo import CLS, Encoder, seeded, seq_data
+
+    model = seeded(Encoder, batch_first)
+    (train,), _ = seq_data(6, 6)
+    G = dense_ggn(model, CLS, [train])
+    ekfac = quiet(EKFAC(fisher_type="expected"), model, CLS, [train])
+    kron = [b for b in ekfac.blocks_ if b.method == "kronecker"]
+    assert {b.info.name for b in kron} >= {"emb", "layer.linear1", "layer.linear2", "head"}
+    for block in kron:
+        torch.testing.assert_close(block.eigenvalues, ggn_in_eigenbasis(block, G), rtol=1e-9, atol=1e-13, msg=block.info.name)
