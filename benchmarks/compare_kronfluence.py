@@ -1,25 +1,33 @@
-"""Side-by-side: our KFAC/EKFAC against kronfluence's, both against exact influence.
+"""Side-by-side: our KFAC/EKFAC against kronfluence's (and curvlinops', pyDVL's), all against
+exact influence.
 
 Two float64 classifiers on generated data (an MLP with ~1.7k parameters and a small CNN with
 ~1.8k, no BatchNorm so that every parameter is in a Linear/Conv2d layer and both libraries cover
 the same parameters), 1,000 training and 50 query examples, trained briefly with Adam. For each
-Fisher type (``empirical``: data labels; ``true``: sampled targets, 1 sample per example) and the
-same absolute damping ``λ = 0.1 · tr(F)/P`` (F = exact empirical Fisher), we report for our
+Fisher type (``empirical``: data labels; ``true``: sampled targets, 1 sample per example;
+``expected``: the exact expectation over the classes, ours only) and the same absolute damping
+(``--damping``, default ``λ = 0.1 · tr(F)/P``, F = exact empirical Fisher), we report for our
 ``KFAC``/``EKFAC`` and kronfluence's ``kfac``/``ekfac`` strategies:
 
 - Pearson and Spearman of the ``(50, 1000)`` pairwise scores against ``Exact("fisher")`` (the
-  empirical Fisher) and ``Exact("ggn")`` (= the true Fisher for cross-entropy), same ``λ``;
+  empirical Fisher) and ``Exact("ggn")`` (= the true Fisher for cross-entropy), same ``λ``, and
+  the mean over queries of the per-query Pearson (``q-Pearson``);
 - top-10 overlap with the exact scores (mean over queries of |top10 ∩ top10_exact| / 10);
-- fit time and score time (same run, same machine, same threads);
+- fit time and score time (same run, same machine, same threads; ours: median of 3 fits);
 - Pearson agreement between ours and kronfluence's.
+
+Then, where installed, curvlinops' type-2 K-FAC/EK-FAC and pyDVL's (see ``_peers.py``), and
+CG on the GGN stopped after 1-5 iterations, plain and preconditioned by ``EKFAC("expected")``.
 
 Conventions matched: kronfluence's ``damping_factor`` is absolute (its heuristic applies only
 when it is ``None``); its scores are ``g_queryᵀ (F + λI)⁻¹ g_train`` with the summed training
 loss, positive = helpful, the same sign and scale as ours; all its dtypes are set to float64.
-kronfluence is a benchmark-only dependency (``pip install --no-deps kronfluence`` + its deps).
+kronfluence, curvlinops and pyDVL are benchmark-only dependencies, installed apart from the
+project, e.g. ``pip install --target /tmp/peers --no-deps kronfluence opt_einsum einconv
+curvlinops-for-pytorch`` (plus their missing dependencies); without them their rows are left out.
 
-Run: ``PYTHONPATH=$PWD python benchmarks/compare_kronfluence.py`` (writes
-``benchmarks/results/compare_kronfluence.{json,md}``).
+Run: ``PYTHONPATH=$PWD:/tmp/peers python benchmarks/compare_kronfluence.py [--damping 0.01]``
+(writes ``benchmarks/results/compare_kronfluence.{json,md}``; ``--out`` for another name).
 """
 
 from __future__ import annotations
@@ -40,9 +48,11 @@ import torch.nn.functional as F
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
-from influence import EKFAC, KFAC, ClassificationTask, Exact, InfluenceEstimator, per_sample_grads
+from _peers import curvlinops_rows, pydvl_rows
+from influence import CG, EKFAC, KFAC, ClassificationTask, Exact, InfluenceEstimator, per_sample_grads
 
 DT = torch.float64
+PCG_BUDGETS = (1, 2, 3, 5)  # CG iterations after the EK-FAC fit (and plain CG for comparison)
 
 
 # ----------------------------------------------------------------------------------- problems
@@ -100,12 +110,15 @@ def batches(x, y, size):
 
 # ----------------------------------------------------------------------------------- metrics
 def metrics(scores: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Pearson/Spearman of all scores, mean per-query Pearson (row by row) and top-10 overlap."""
     a, b = scores.flatten().numpy(), reference.flatten().numpy()
     k = 10
     top = scores.topk(k, dim=1).indices
     ref = reference.topk(k, dim=1).indices
     overlap = np.mean([len(set(t.tolist()) & set(r.tolist())) / k for t, r in zip(top, ref)])
-    return {"pearson": float(pearsonr(a, b)[0]), "spearman": float(spearmanr(a, b)[0]), "top10": float(overlap)}
+    per_query = np.mean([pearsonr(s.numpy(), r.numpy())[0] for s, r in zip(scores, reference)])
+    return {"pearson": float(pearsonr(a, b)[0]), "spearman": float(spearmanr(a, b)[0]),
+            "query_pearson": float(per_query), "top10": float(overlap)}
 
 
 # ----------------------------------------------------------------------------------- methods
@@ -171,14 +184,17 @@ def ggn_check(model, train_loader, n: int = 20) -> float:
     return float((dense_ggn(model, x) - exact).abs().max() / exact.abs().max())
 
 
-def ours(model, train_loader, query, cls, fisher_type, damping):
-    est = InfluenceEstimator(cls(damping=damping, fisher_type=fisher_type, seed=0), ClassificationTask(), score_dtype=DT)
-    start = time.perf_counter()
-    est.fit(model, train_loader)
-    fit = time.perf_counter() - start
+def ours(model, train_loader, query, cls, fisher_type, damping, repeats=3):
+    """Scores and the median fit time over ``repeats`` fits (they take tens of milliseconds)."""
+    fits = []
+    for _ in range(repeats):
+        est = InfluenceEstimator(cls(damping=damping, fisher_type=fisher_type, seed=0), ClassificationTask(), score_dtype=DT)
+        start = time.perf_counter()
+        est.fit(model, train_loader)
+        fits.append(time.perf_counter() - start)
     start = time.perf_counter()
     scores = est.pairwise_scores([query], train_loader)
-    return scores, fit, time.perf_counter() - start
+    return scores, float(np.median(fits)), time.perf_counter() - start
 
 
 def kronfluence_scores(model, x, y, query, strategy, fisher_type, damping, batch_size, workdir):
@@ -224,7 +240,21 @@ def kronfluence_scores(model, x, y, query, strategy, fisher_type, damping, batch
 
 
 # ----------------------------------------------------------------------------------- driver
-def run_problem(kind, n_train, n_query, fisher_types, batch_size, seed, workdir):
+def pcg(model, train_loader, query, damping, max_iter, preconditioned):
+    """CG on the GGN stopped after ``max_iter`` iterations, plain or preconditioned by EK-FAC
+    (``fisher_type="expected"``, fitted in the CG's fit): exact influence at K-FAC-like cost."""
+    pre = EKFAC(fisher_type="expected") if preconditioned else None
+    cur = CG(damping=damping, rtol=0.0, max_iter=max_iter, preconditioner=pre)
+    est = InfluenceEstimator(cur, ClassificationTask(), score_dtype=DT)
+    start = time.perf_counter()
+    est.fit(model, train_loader)
+    fit = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = est.pairwise_scores([query], train_loader)
+    return scores, fit, time.perf_counter() - start
+
+
+def run_problem(kind, n_train, n_query, fisher_types, batch_size, seed, workdir, damping=None, with_kronfluence=True):
     build = make_mlp if kind == "mlp" else make_cnn
     x, y = make_data(kind, n_train + n_query, seed)
     xt, yt, query = x[:n_train], y[:n_train], (x[n_train:], y[n_train:])
@@ -234,30 +264,44 @@ def run_problem(kind, n_train, n_query, fisher_types, batch_size, seed, workdir)
     result = {"problem": kind, "num_params": P, "n_train": n_train, "n_query": n_query,
               "train_accuracy": float((model(xt).argmax(-1) == yt).double().mean()), "rows": []}
     refs, times = {}, {}
-    # λ = 0.1 · mean eigenvalue of the exact empirical Fisher, absolute, used by every method.
-    _, refs["fisher"], fit, score, damping = exact_scores(model, loader, query, "fisher")
+
+    def add(method, library, fisher_type, scores, fit, score, agreement=None):
+        row = {"method": method, "library": library, "fisher_type": fisher_type, "fit_s": fit, "score_s": score,
+               "agreement_pearson": (agreement or {}).get("pearson"), "agreement_spearman": (agreement or {}).get("spearman")}
+        for r, ref in refs.items():
+            row.update({f"{r}_{m}": v for m, v in metrics(scores, ref).items()})
+        result["rows"].append(row)
+
+    # λ = 0.1 · mean eigenvalue of the exact empirical Fisher unless given; absolute, used by every method.
+    _, refs["fisher"], fit, score, damping = exact_scores(model, loader, query, "fisher", damping)
     times["fisher"] = (fit, score)
     refs["ggn"], *times["ggn"] = ggn_scores(model, loader, query, damping)
     result["ggn_check_max_rel_diff"] = ggn_check(model, loader)
     result["damping"] = damping
-    for ctype, scores in refs.items():
-        row = {"method": "Exact(fisher)" if ctype == "fisher" else "GGN (dense JᵀHJ)", "library": "influence", "fisher_type": "-",
-               "fit_s": times[ctype][0], "score_s": times[ctype][1]}
-        for r, ref in refs.items():
-            row.update({f"{r}_{m}": v for m, v in metrics(scores, ref).items()})
-        result["rows"].append(row)
+    for ctype, scores in list(refs.items()):
+        add("Exact(fisher)" if ctype == "fisher" else "GGN (dense JᵀHJ)", "influence", "-", scores, *times[ctype])
     for fisher_type in fisher_types:
         for ours_cls, strategy in ((KFAC, "kfac"), (EKFAC, "ekfac")):
             ours_scores, fit, score = ours(model, loader, query, ours_cls, fisher_type, damping)
-            k_scores, k_fit, k_score = kronfluence_scores(model, xt, yt, query, strategy, fisher_type, damping, batch_size, workdir)
-            agreement = metrics(ours_scores, k_scores)
-            for library, scores, f, s in (("influence", ours_scores, fit, score), ("kronfluence", k_scores, k_fit, k_score)):
-                row = {"method": strategy.upper() if library == "influence" else strategy, "library": library,
-                       "fisher_type": fisher_type, "fit_s": f, "score_s": s,
-                       "agreement_pearson": agreement["pearson"], "agreement_spearman": agreement["spearman"]}
-                for r, ref in refs.items():
-                    row.update({f"{r}_{m}": v for m, v in metrics(scores, ref).items()})
-                result["rows"].append(row)
+            # kronfluence has no exact expectation over the classes: our rows only
+            if with_kronfluence and fisher_type != "expected":
+                k_scores, k_fit, k_score = kronfluence_scores(model, xt, yt, query, strategy, fisher_type, damping, batch_size, workdir)
+                agreement = metrics(ours_scores, k_scores)
+                add(strategy.upper(), "influence", fisher_type, ours_scores, fit, score, agreement)
+                add(strategy, "kronfluence", fisher_type, k_scores, k_fit, k_score, agreement)
+            else:
+                add(strategy.upper(), "influence", fisher_type, ours_scores, fit, score)
+    # other libraries' K-FAC/EK-FAC where installed, on our gradients (same queries, same λ)
+    task = ClassificationTask()
+    Gq = per_sample_grads(model, task, query, objective="measurement")
+    Gt = torch.cat([per_sample_grads(model, task, b) for b in loader])
+    for method, library, fisher_type, X, fit, score in curvlinops_rows(model, loader, Gq, damping) + pydvl_rows(model, loader, Gq, damping):
+        add(method, library, fisher_type, X @ Gt.T, fit, score)
+    for preconditioned in (False, True):
+        for max_iter in PCG_BUDGETS:
+            scores, fit, score = pcg(model, loader, query, damping, max_iter, preconditioned)
+            method = f"CG{'+EKFAC' if preconditioned else ''}, {max_iter} iterations"
+            add(method, "influence", "expected" if preconditioned else "-", scores, fit, score)
     return result
 
 
@@ -267,19 +311,22 @@ def markdown(results: list[dict], meta: dict) -> str:
              f"Scores ({meta['n_query']} queries × {meta['n_train']} training examples) compared with exact influence at the same absolute damping "
              "(`Exact('fisher')` = empirical Fisher; GGN = true Fisher for cross-entropy, the dense `JᵀHJ` equal to `Exact('ggn')`, "
              "max relative difference on a 20-example check in the heading). "
-             "`agree` = Pearson between ours and kronfluence's scores for the same strategy and Fisher type.", ""]
+             "`q-Pearson` = mean over queries of the Pearson correlation of a query's scores over the training set. "
+             "`agree` = Pearson between ours and kronfluence's scores for the same strategy and Fisher type. "
+             "Fisher `expected` = the exact expectation over the classes (the GGN's factors; ours only, kronfluence has none). "
+             "Our fit times: median of 3 fits.", ""]
     for res in results:
         lines += [f"## {res['problem']} ({res['num_params']} parameters, λ = {res['damping']:.3g}, train accuracy "
                   f"{res['train_accuracy']:.2f}, GGN check {res['ggn_check_max_rel_diff']:.1e})", "",
-                  "| method | library | Fisher | Pearson vs F | Spearman vs F | top-10 vs F | Pearson vs GGN | Spearman vs GGN | top-10 vs GGN | agree | fit s | score s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | library | Fisher | Pearson vs F | Spearman vs F | top-10 vs F | Pearson vs GGN | q-Pearson vs GGN | Spearman vs GGN | top-10 vs GGN | agree | fit s | score s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
             def f(key, fmt="{:.4f}"):
                 v = r.get(key)
                 return "–" if v is None else fmt.format(v)
             lines.append(f"| {r['method']} | {r['library']} | {r['fisher_type']} | {f('fisher_pearson')} | {f('fisher_spearman')} | "
-                         f"{f('fisher_top10', '{:.2f}')} | {f('ggn_pearson')} | {f('ggn_spearman')} | {f('ggn_top10', '{:.2f}')} | "
-                         f"{f('agreement_pearson')} | {f('fit_s', '{:.2f}')} | {f('score_s', '{:.2f}')} |")
+                         f"{f('fisher_top10', '{:.2f}')} | {f('ggn_pearson')} | {f('ggn_query_pearson')} | {f('ggn_spearman')} | {f('ggn_top10', '{:.2f}')} | "
+                         f"{f('agreement_pearson')} | {f('fit_s', '{:.3f}')} | {f('score_s', '{:.2f}')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -290,25 +337,32 @@ def main():
     parser.add_argument("--n-query", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--problems", nargs="+", default=["mlp", "cnn"])
-    parser.add_argument("--fisher-types", nargs="+", default=["empirical", "true"])
+    parser.add_argument("--fisher-types", nargs="+", default=["empirical", "true", "expected"])
+    parser.add_argument("--damping", type=float, default=None,
+                        help="absolute damping for every method (default: 0.1 x mean eigenvalue of the empirical Fisher)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compare_kronfluence"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    import kronfluence
+    try:
+        import kronfluence
+    except ImportError:  # our rows only
+        kronfluence = None
+        print("kronfluence is not installed: reporting our rows only")
 
-    meta = {"torch": torch.__version__, "kronfluence": getattr(kronfluence, "__version__", "?"),
+    meta = {"torch": torch.__version__, "kronfluence": getattr(kronfluence, "__version__", "?") if kronfluence else "not installed",
             "threads": torch.get_num_threads(), "n_query": args.n_query, "n_train": args.n_train, "machine": platform.processor() or platform.machine()}
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         for kind in args.problems:
-            results.append(run_problem(kind, args.n_train, args.n_query, args.fisher_types, args.batch_size, args.seed, Path(workdir)))
+            results.append(run_problem(kind, args.n_train, args.n_query, args.fisher_types, args.batch_size, args.seed,
+                                       Path(workdir), args.damping, kronfluence is not None))
             print(markdown(results[-1:], meta))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "args": vars(args), "results": results}, indent=2))
-    out.with_suffix(".md").write_text(markdown(results, meta))
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "args": vars(args), "results": results}, indent=2))
+    Path(f"{out}.md").write_text(markdown(results, meta))
 
 
 if __name__ == "__main__":

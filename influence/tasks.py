@@ -9,8 +9,8 @@ A :class:`Task` reads whatever structure the user's DataLoader yields. Two metho
 
 The ready-made tasks also split the loss into ``outputs = forward(model, batch)`` and
 ``output_loss(outputs, targets, batch)``; curvatures that need the output space (Gauss-Newton,
-the true Fisher with ``sample_targets(outputs, batch, draws)``) use that split
-(:class:`OutputTask`).
+the true Fisher with ``sample_targets(outputs, batch, draws)``, the expected Fisher with
+``output_hessian_sqrt(outputs, batch)``) use that split (:class:`OutputTask`).
 
 Per-example functions are evaluated under ``torch.func.vmap`` with each example presented as a
 batch of one, so a task must not depend on the batch size.
@@ -18,6 +18,7 @@ batch of one, so a task must not depend on the batch size.
 
 from __future__ import annotations
 
+import math
 import warnings
 from abc import ABC, abstractmethod
 from typing import Any, Mapping, Sequence
@@ -130,6 +131,28 @@ class OutputTask(Task):
         number of processes or a resumed fit, and neither does the fit.
         """
 
+    def num_output_hessian_columns(self, outputs: torch.Tensor, batch: Any) -> int | None:
+        """``K``, the number of columns of :meth:`output_hessian_sqrt` (cheap: no columns are
+        formed), or ``None`` when the task has no closed-form square root (the default): the
+        expected Fisher (``fisher_type="expected"``) then samples targets as the true Fisher does.
+        """
+        return None
+
+    def output_hessian_sqrt(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """``U`` of shape ``(K, *outputs.shape)``: a square root of the output Hessian.
+
+        For every example ``b``, ``H_b = Σ_k U[k, b] U[k, b]ᵀ`` where ``H_b`` is the Hessian of
+        ``output_loss`` of example ``b`` in its outputs (flattened) at ``outputs``, so that the
+        Gauss-Newton matrix of the example is ``Σ_k (J_bᵀ U[k, b]) (J_bᵀ U[k, b])ᵀ``: ``K``
+        vector-Jacobian products, no sampling (Martens & Grosse 2015, §5). Implement it together
+        with :meth:`num_output_hessian_columns` for losses whose ``H`` does not depend on the
+        targets (cross-entropy, squared error); ``outputs`` come detached.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form square root of its output Hessian: "
+            "implement num_output_hessian_columns and output_hessian_sqrt."
+        )
+
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.output_loss(self.forward(model, batch), self.targets(batch), batch)
 
@@ -230,12 +253,16 @@ class ClassificationTask(_SupervisedTask):
             )
         self.measurement_kind = measurement
 
-    def output_loss(self, outputs, targets, batch):
+    @staticmethod
+    def _check_outputs(outputs):
         if outputs.dim() != 2:
             raise BatchFormatError(
                 f"ClassificationTask expects model outputs of shape (B, num_classes); got "
                 f"{tuple(outputs.shape)}. Use LanguageModelingTask for sequence outputs."
             )
+
+    def output_loss(self, outputs, targets, batch):
+        self._check_outputs(outputs)
         if targets.dim() != 1:
             raise BatchFormatError(
                 f"ClassificationTask expects class-index targets of shape (B,); got "
@@ -247,6 +274,30 @@ class ClassificationTask(_SupervisedTask):
 
     def sample_targets(self, outputs, batch, draws):
         return sample_categorical(outputs, draws.uniform())
+
+    def num_output_hessian_columns(self, outputs, batch):
+        """``C``, the number of classes."""
+        self._check_outputs(outputs)
+        return outputs.shape[-1]
+
+    def output_hessian_sqrt(self, outputs, batch):
+        """Columns ``U[c, b] = √p_bc (e_c − p_b)``, ``p_b = softmax(outputs_b)``, shape ``(C, B, C)``.
+
+        ``Σ_c p_c (e_c − p)(e_c − p)ᵀ = diag(p) − ppᵀ``, the Hessian of the cross-entropy in the
+        logits: column ``c`` is the loss gradient at target ``c`` weighted by ``√p_c``, so the
+        ``C`` columns give the true Fisher's expectation over the classes exactly.
+
+        Examples:
+            >>> import torch
+            >>> U = ClassificationTask().output_hessian_sqrt(torch.tensor([[0.0, 1.0, -1.0]]), None)
+            >>> p = torch.softmax(torch.tensor([0.0, 1.0, -1.0]), 0)
+            >>> torch.allclose(torch.einsum("kbi,kbj->ij", U, U), torch.diag(p) - torch.outer(p, p))
+            True
+        """
+        self._check_outputs(outputs)
+        p = torch.softmax(outputs.detach(), dim=-1)
+        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+        return p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None])
 
     def measurement(self, model, batch):
         if self.measurement_kind == "loss":
@@ -279,6 +330,17 @@ class RegressionTask(_SupervisedTask):
         """``y ~ N(f(x), I)`` (the squared error's predictive distribution), per coordinate."""
         noise = draws.normal(outputs.shape[1:])
         return outputs.detach() + noise.to(device=outputs.device, dtype=outputs.dtype)
+
+    def num_output_hessian_columns(self, outputs, batch):
+        """``D``, the number of output coordinates per example."""
+        return math.prod(outputs.shape[1:])
+
+    def output_hessian_sqrt(self, outputs, batch):
+        """The identity (the output Hessian of ``½‖f − y‖²``): ``U[k, b]`` is the ``k``-th unit
+        vector of the output space, shape ``(D, B, *outputs.shape[1:])``."""
+        D = math.prod(outputs.shape[1:])
+        eye = torch.eye(D, dtype=outputs.dtype, device=outputs.device)
+        return eye[:, None, :].expand(D, outputs.shape[0], D).reshape(D, *outputs.shape)
 
 
 class LanguageModelingTask(OutputTask):
@@ -330,6 +392,10 @@ class LanguageModelingTask(OutputTask):
             reduction="none",
         )
         return losses.reshape(targets.shape).sum(-1)
+
+    # No output_hessian_sqrt: a sequence's output Hessian has (T - 1)·V columns (a square root per
+    # target token, and the tokens interact through attention), far too many backward passes;
+    # fisher_type="expected" samples targets for language models (see influence.curvature._fisher).
 
     def sample_targets(self, outputs, batch, draws):
         """One token per target position ``t`` (keyed by ``t``: right padding keeps the keys)."""

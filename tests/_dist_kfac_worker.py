@@ -1,5 +1,6 @@
 """Worker of the 2-process gloo EK-FAC test (spawned by tests/test_distributed_kfac.py): the
-empirical-Fisher EK-FAC (plain and checkpointed) and true-Fisher EK-FAC and Diagonal fits."""
+empirical-Fisher EK-FAC (plain and checkpointed) and true- and expected-Fisher EK-FAC and
+Diagonal fits."""
 
 from __future__ import annotations
 
@@ -44,20 +45,22 @@ def run(out_dir, tag):
 
 
 def run_true_fisher():
-    """EK-FAC and Diagonal with sampled targets (fisher_type="true", 2 samples), fitted on the
-    DataLoader (split by examples) and on the list of batches (split by batches: rank 1's
-    first global index is counted from rank 0's batches)."""
+    """EK-FAC and Diagonal with sampled targets (fisher_type="true", 2 samples) and with the
+    exact expectation over the classes ("expected"), fitted on the DataLoader (split by
+    examples) and on the list of batches (split by batches: rank 1's first global index is
+    counted from rank 0's batches)."""
     from influence import EKFAC, ClassificationTask, Diagonal, FallbackWarning, InfluenceEstimator
 
     model, loader, batches, test = make_problem()
     res = {}
-    for cls in (EKFAC, Diagonal):
+    for fisher, cls in ((f, c) for f in ("true", "expected") for c in (EKFAC, Diagonal)):
         for name, data in (("loader", loader), ("batches", batches)):
-            est = InfluenceEstimator(cls(damping=0.1, num_samples=2, seed=5), ClassificationTask(), score_dtype=torch.float64)
+            curvature = cls(damping=0.1, fisher_type=fisher, num_samples=2, seed=5)
+            est = InfluenceEstimator(curvature, ClassificationTask(), score_dtype=torch.float64)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FallbackWarning)
                 est.fit(model, data)
-            tag = f"true/{cls.__name__}/{name}"
+            tag = f"{fisher}/{cls.__name__}/{name}"
             res.update({f"{tag}/{k}": v for k, v in est.curvature_.statistics_.items()})
             res[f"{tag}/pairwise"] = est.pairwise_scores(test)
     return res

@@ -1,6 +1,6 @@
 """Two gloo processes fit the same EK-FAC (factors, corrections, scores) as one process, with
-the empirical Fisher and with sampled targets (true Fisher: the draws are keyed by the global
-example index, so the ranks draw what one process draws)."""
+the empirical Fisher, with sampled targets (true Fisher: the draws are keyed by the global
+example index, so the ranks draw what one process draws) and with the exact expectation."""
 
 from __future__ import annotations
 

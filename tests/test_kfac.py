@@ -165,7 +165,7 @@ def test_errors():
     model = zoo.mlp()
     x, y = zoo.classification_data(n=4)
     task = ClassificationTask()
-    with pytest.raises(ValueError, match=r"invalid fisher_type 'exact'. Supported: \('true', 'empirical'\)"):
+    with pytest.raises(ValueError, match=r"invalid fisher_type 'exact'. Supported: \('true', 'empirical', 'expected'\)"):
         KFAC(fisher_type="exact").fit(model, task, [(x, y)])
     with pytest.raises(ValueError, match="num_samples must be an integer >= 1; got 0"):
         Diagonal(num_samples=0).fit(model, task, [(x, y)])

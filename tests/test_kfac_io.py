@@ -26,6 +26,10 @@ CURVATURES = {
     "kfac": lambda: KFAC(damping=0.1, fisher_type="true", num_samples=2, fallback={"ln_f": "identity"}),
     "ekfac": lambda: EKFAC(damping=0.1, fisher_type="empirical", fallback={"ln_f": "identity"}),
     "diagonal": lambda: Diagonal(damping=0.1, fisher_type="true"),
+    # exact expectation on the MLP; on the LM it falls back to 2 sampled targets (fisher_plan_ and
+    # num_examples_ must come back from the file)
+    "ekfac_expected": lambda: EKFAC(damping=0.1, fisher_type="expected", num_samples=2, fallback={"ln_f": "identity"}),
+    "diagonal_expected": lambda: Diagonal(damping=0.1, fisher_type="expected", num_samples=2),
 }
 
 
@@ -42,7 +46,8 @@ def test_round_trip_gives_identical_scores(tmp_path, which, name):
         loaded = InfluenceEstimator.load(tmp_path / "est.safetensors", model)
     cur, ref = loaded.curvature_, est.curvature_
     assert repr(loaded) == repr(est)
-    assert cur.coverage_ == ref.coverage_ and cur.num_examples_ == ref.num_examples_
+    assert cur.coverage_ == ref.coverage_ and cur.num_examples_ == ref.num_examples_ == sum(task.num_examples(b) for b in train)
+    assert cur.fisher_plan_ == ref.fisher_plan_
     assert sorted(cur.statistics_) == sorted(ref.statistics_)
     assert [b.method for b in cur.blocks_] == [b.method for b in ref.blocks_]
     torch.testing.assert_close(loaded.pairwise_scores(train, train), est.pairwise_scores(train), rtol=0, atol=0)

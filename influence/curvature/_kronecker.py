@@ -9,7 +9,9 @@ inputs), the per-example gradient of the weight matrix ``W (d_out × d_in)`` is
 
 - ``A = (1/M) Σ_i Σ_t a_t a_tᵀ``: mean over the ``M`` non-padding tokens (per token);
 - ``S = (1/(N·K)) Σ_i Σ_k Σ_t s_t s_tᵀ``: mean over the ``N`` examples (and ``K`` sampled
-  targets for the true Fisher) of the token sums (per example).
+  targets for the true Fisher) of the token sums (per example); for the expected Fisher the
+  ``K`` square-root columns of an example are summed instead,
+  ``S = (1/N) Σ_i Σ_k Σ_t s_t s_tᵀ`` (see :mod:`influence.curvature._fisher`).
 
 This is exact whenever ``a`` is the same for every token and example (``A`` of rank one) or
 there is one example with one token, and under K-FAC's independence assumption it matches
@@ -39,7 +41,7 @@ from ..draws import TargetDraws
 from ..params import ParameterLayout
 from ..tasks import Task
 from ._eigh import factor_eigh
-from ._fisher import fisher_losses
+from ._fisher import fisher_backward, terms_per_example
 
 F64 = torch.float64
 
@@ -117,16 +119,15 @@ def factor_statistics(
     n = task.num_examples(batch)
     mask = token_mask(batch)
     with LayerCapture(dict(layers), batch_size=n) as cap:
-        losses = fisher_losses(model, task, batch, fisher_type, num_samples, draws)
-        for k, loss in enumerate(losses):
-            cap.backward(loss, retain_graph=k < len(losses) - 1)
+        backward = fisher_backward(cap, model, task, batch, fisher_type, num_samples, draws)
+        for k, _ in enumerate(backward):
             for name, info in layers.items():
                 if name not in cap.output_grads:
                     continue  # the layer did not run in this forward
                 s = cap.output_grads[name].reshape(-1, info.d_out)
                 stats[f"{name}/S"] += (s.T @ s).to(device=device, dtype=F64)
-                stats[f"{name}/S_count"] += n
                 if k == 0:
+                    stats[f"{name}/S_count"] += n * terms_per_example(fisher_type, num_samples)
                     A, tokens = input_statistics(info, cap.inputs[name], mask)
                     stats[f"{name}/A"] += A.to(device)
                     stats[f"{name}/A_count"] += tokens
@@ -223,34 +224,42 @@ def _rotated_factors(block: KroneckerBlock, a: torch.Tensor, s: torch.Tensor):
 
 
 def rotated_grads(block: KroneckerBlock, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Per-example gradients in the eigenbasis, ``Q_Sᵀ G_i Q_A`` ``(B, d_out, d_in')``.
+    """Per-example gradients in the eigenbasis, ``Q_Sᵀ G_i Q_A`` ``(m·B, d_out, d_in')``.
 
     Computed from the captured factors as ``Σ_t (Q_Sᵀ s_t)(Q_Aᵀ a_t)ᵀ`` without forming the
-    flat per-example gradient.
+    flat per-example gradient. ``s`` may hold ``m`` output gradients per example, ``(m·B, T,
+    d_out)`` with row ``k·B + b`` for term ``k`` of example ``b`` (:func:`~influence.curvature.
+    _fisher.fisher_backward`); ``a`` is ``(B, T, ...)`` and rotated once.
     """
     info = block.info
+    m = s.shape[0] // a.shape[0]
     if info.kind == "embedding":  # scatter token rows: no (B, T, vocab) one-hot
         s = s @ block.Q_S.to(s)
         B, T, d = s.shape
-        out = s.new_zeros(B, info.d_in, d).scatter_add_(1, a[..., None].expand(B, T, d), s)
+        ids = a.repeat(m, 1) if m > 1 else a
+        out = s.new_zeros(B, info.d_in, d).scatter_add_(1, ids[..., None].expand(B, T, d), s)
         if info.module.padding_idx is not None:
             out[:, info.module.padding_idx] = 0
         return out.transpose(1, 2)
     s, a = _rotated_factors(block, a, s)
+    if m > 1:  # (m, B, d_out, T) @ (B, T, d_in'), broadcast over the terms
+        return (s.unflatten(0, (m, -1)).transpose(-1, -2) @ a).flatten(0, 1)
     return torch.bmm(s.transpose(1, 2), a)
 
 
 def squared_rotated_sum(block: KroneckerBlock, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``Σ_b (Q_Sᵀ G_b Q_A)²`` (elementwise square) over a batch, ``(d_out, d_in')``, float64.
 
+    ``s`` as in :func:`rotated_grads` (``m`` terms per example, each squared and summed).
     With one token per example (``T = 1``) the rotated gradient is the outer product
     ``(Q_Sᵀ s_b)(Q_Aᵀ a_b)ᵀ``, whose square is ``(Q_Sᵀ s_b)² ((Q_Aᵀ a_b)²)ᵀ``: the sum over the
-    batch is one GEMM of the squared rotated factors, and no per-example gradient is formed.
-    Otherwise the rotated per-example gradients are formed (:func:`rotated_grads`).
+    batch (and terms) is one GEMM of the squared rotated factors, and no per-example gradient is
+    formed. Otherwise the rotated per-example gradients are formed (:func:`rotated_grads`).
     """
     if s.shape[1] == 1 and block.info.kind != "embedding":
         s1, a1 = _rotated_factors(block, a[:, 0], s[:, 0])
-        return (s1.pow(2).T @ a1.pow(2)).to(F64)
+        s2 = s1.pow(2).unflatten(0, (-1, a1.shape[0])).sum(0)  # over the terms of each example
+        return (s2.T @ a1.pow(2)).to(F64)
     return rotated_grads(block, a, s).pow(2).sum(0, dtype=F64)
 
 
@@ -277,11 +286,11 @@ def correction_statistics(
         stats[f"{b.info.name}/corrections_count"] = torch.zeros((), dtype=F64, device=device)
     n = task.num_examples(batch)
     with LayerCapture(layers, batch_size=n) as cap:
-        losses = fisher_losses(model, task, batch, fisher_type, num_samples, draws)
-        for k, loss in enumerate(losses):
-            cap.backward(loss, retain_graph=k < len(losses) - 1)
+        backward = fisher_backward(cap, model, task, batch, fisher_type, num_samples, draws)
+        for k, _ in enumerate(backward):
             for name in cap.output_grads:
                 sq = squared_rotated_sum(by_name[name], cap.inputs[name], cap.output_grads[name])
                 stats[f"{name}/corrections"] += sq.to(device)
-                stats[f"{name}/corrections_count"] += n
+                if k == 0:
+                    stats[f"{name}/corrections_count"] += n * terms_per_example(fisher_type, num_samples)
     return stats

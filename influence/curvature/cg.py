@@ -155,8 +155,12 @@ class CG(OperatorCurvature):
         preconditioner: ``None``; ``"diagonal"`` (Jacobi with the empirical-Fisher diagonal
             ``mean_j ∇ℓ(z_j)²`` plus ``λ``, an inexpensive stand-in for ``diag(C)``); or a
             :class:`Curvature` instance whose ``solve`` (at the same damping) approximates
-            ``(C + λI)⁻¹``, e.g. ``EKFAC``: a fitted one with the same parameters is used as
-            is, otherwise a clone is fitted on the same data.
+            ``(C + λI)⁻¹``, e.g. ``EKFAC(fisher_type="expected")``: a fitted one with the same
+            parameters is used as is, otherwise a clone is fitted on the same data. Measured
+            (docs/iterative_curvature.md): with EK-FAC, 3-5 iterations give scores as close to
+            exact as 10-20 plain ones; to a tight ``rtol`` a block-diagonal preconditioner does
+            not reduce the iterations on deep networks (it misses the coupling between layers),
+            only where the ill-conditioning lies within layers.
         num_samples: average ``C`` over this many seeded random examples (``None``: all).
         seed: seed of that subsample.
         chunk_size: rows per vmapped curvature product (memory bound).

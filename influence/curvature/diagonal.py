@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._blocks import BlockCurvature, DiagonalBlock, coverage_report, index_of
-from ._fisher import FisherSampling, check_fisher_options, fisher_diagonal_statistics
+from ._fisher import FisherSampling, fisher_diagonal_statistics, terms_per_example
 
 
 class Diagonal(FisherSampling, BlockCurvature):
@@ -11,12 +11,15 @@ class Diagonal(FisherSampling, BlockCurvature):
 
     ``fisher_type="empirical"`` uses the data's labels (``d`` is the diagonal of
     ``Exact(curvature_type="fisher")``); ``"true"`` averages ``num_samples`` targets per example
-    drawn from the model's predictive distribution (seeded by ``seed``). Per-example gradients
-    come from :func:`~influence.gradients.per_sample_grads`, so any module is covered.
+    drawn from the model's predictive distribution (seeded by ``seed``); ``"expected"`` takes
+    that expectation exactly (``d`` is the diagonal of ``Exact(curvature_type="ggn")``), from
+    the square-root columns of the output Hessian, up to ``max_classes`` of them (else it
+    samples, as for :class:`KFAC`). Per-example gradients come from
+    :func:`~influence.gradients.per_sample_grads`, so any module is covered.
     ``solve(G) = G / (d + λ)``. Fitted: ``blocks_``, ``diagonal_``, ``coverage_``,
-    ``statistics_`` (sums and counts), ``num_examples_``. Fitting runs the statistics protocol
-    (sharded and all-reduced under ``torch.distributed``, resumable with ``checkpoint_dir``);
-    saving stores ``statistics_``.
+    ``fisher_plan_`` (as :class:`KFAC`'s), ``statistics_`` (sums and counts), ``num_examples_``.
+    Fitting runs the statistics protocol (sharded and all-reduced under ``torch.distributed``,
+    resumable with ``checkpoint_dir``); saving stores ``statistics_``.
 
     Examples:
         >>> import torch
@@ -36,16 +39,18 @@ class Diagonal(FisherSampling, BlockCurvature):
         num_samples: int = 1,
         seed: int = 0,
         chunk_size: int | None = None,
+        max_classes: int = 100,
     ):
         super().__init__(damping=damping)
         self.fisher_type = fisher_type
         self.num_samples = num_samples
         self.seed = seed
         self.chunk_size = chunk_size
+        self.max_classes = max_classes
 
     # Fitting runs the statistics protocol of Curvature (sharded, checkpointed, all-reduced).
     def _fit(self, model, task, loader, layout):
-        check_fisher_options(type(self).__name__, self.fisher_type, self.num_samples, task)
+        self._plan_fisher(model, task, loader)
         super()._fit(model, task, loader, layout)
 
     def _batch_statistics(self, model, task, batch, layout, pass_index):
@@ -63,8 +68,7 @@ class Diagonal(FisherSampling, BlockCurvature):
         names = tuple(layout.names)
         self.blocks_ = [DiagonalBlock(names, index_of(layout, names), self.diagonal_)]
         self.coverage_ = coverage_report(layout, {n: "diagonal" for n in names})
-        samples = self.num_samples if self.fisher_type == "true" else 1
-        self.num_examples_ = int(count) // samples
+        self.num_examples_ = int(count) // terms_per_example(self._computed_fisher(), self.num_samples)
 
     def _restore(self, statistics, layout, model) -> None:
         self._set_statistics(statistics, layout)

@@ -22,7 +22,7 @@ from ._blocks import (
     resolve_fallback,
     warn_fallback,
 )
-from ._fisher import FisherSampling, check_fisher_options, fisher_diagonal_statistics
+from ._fisher import FisherSampling, fisher_diagonal_statistics
 from ._kronecker import correction_statistics, factor_statistics, kronecker_blocks
 
 
@@ -35,7 +35,9 @@ class KFAC(FisherSampling, BlockCurvature):
     token-summed output-gradient outer products (exact normalisation in
     :mod:`influence.curvature._kronecker`), so that ``S ⊗ A`` approximates the layer's block of the
     Fisher of the **mean** loss ``F = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ`` (``fisher_type``: ``"true"`` samples
-    targets from the model, ``"empirical"`` uses the labels; see
+    targets from the model, ``"empirical"`` uses the labels, ``"expected"`` takes the true
+    Fisher's expectation over the targets exactly, i.e. the Gauss-Newton matrix, from ``C``
+    back-propagated square-root columns of the output Hessian per example; see
     :mod:`influence.curvature._fisher`). With eigendecompositions ``A = Q_A diag(λ_A) Q_Aᵀ`` and
     ``S = Q_S diag(λ_S) Q_Sᵀ`` (float64)::
 
@@ -49,16 +51,26 @@ class KFAC(FisherSampling, BlockCurvature):
 
     Args:
         damping: ``λ``, absolute, added at solve time.
-        fisher_type: ``"true"`` or ``"empirical"``.
-        num_samples: sampled targets per example for ``"true"``.
+        fisher_type: ``"true"`` (sampled targets), ``"empirical"`` (labels) or ``"expected"``
+            (the exact expectation over the targets: the Gauss-Newton matrix's statistics
+            without sampling noise, deterministic; ``C`` vector-Jacobian products per example
+            instead of one).
+        num_samples: sampled targets per example for ``"true"`` (and ``"expected"`` where it
+            falls back to sampling).
         seed: keys the sampled targets, with each example's global index (reproducible fits, the
             same for any batch size and number of processes).
         fallback: how parameters outside supported layers are covered.
         chunk_size: examples per vmap chunk for the diagonal fallback's per-example gradients.
+        max_classes: ``"expected"`` takes the exact expectation when the output Hessian has at
+            most this many square-root columns (classes; output coordinates for regression),
+            else, and for language models, samples ``num_samples`` targets with a
+            :class:`~influence.FallbackWarning` (``fisher_plan_`` says which).
 
     Fitted attributes: ``blocks_``, ``coverage_`` (``{module: {"method", "parameters",
-    "num_params"}}``, every parameter once), ``statistics_`` (float64 **sums and counts**, see
-    :meth:`merge_statistics`), ``num_examples_``.
+    "num_params"}}``, every parameter once), ``fisher_plan_`` (what the statistics
+    back-propagated: ``{"requested", "computed", "columns" | "num_samples", "reason"}``),
+    ``statistics_`` (float64 **sums and counts**, see :meth:`merge_statistics`),
+    ``num_examples_``.
 
     Fitting runs the statistics protocol of :class:`~influence.curvature.Curvature`: under
     ``torch.distributed`` each rank sums the statistics of its shard and one all-reduce
@@ -88,6 +100,7 @@ class KFAC(FisherSampling, BlockCurvature):
         seed: int = 0,
         fallback: str | Mapping[str, str] = "diagonal",
         chunk_size: int | None = None,
+        max_classes: int = 100,
     ):
         super().__init__(damping=damping)
         self.fisher_type = fisher_type
@@ -95,6 +108,7 @@ class KFAC(FisherSampling, BlockCurvature):
         self.seed = seed
         self.fallback = fallback
         self.chunk_size = chunk_size
+        self.max_classes = max_classes
 
     # ------------------------------------------------------------------------------ fitting
     # Fitting runs the statistics protocol of Curvature (sharded across torch.distributed
@@ -102,11 +116,19 @@ class KFAC(FisherSampling, BlockCurvature):
     # diagonal; EKFAC adds pass 1, the eigenvalue corrections in pass 0's eigenbasis.
     def _fit(self, model, task, loader, layout):
         owner = type(self).__name__
-        check_fisher_options(owner, self.fisher_type, self.num_samples, task)
         check_vmappable_modes(model)
-        # the full loader's first batch, on every rank alike (the plan decides the statistics'
-        # keys, which must agree across ranks), read only if the estimator has not planned
-        self._plan(model, layout, task=task, batch=lambda: next(iterate_batches(loader, "train_loader")))
+        # the full loader's first batch, on every rank alike (the plans decide the statistics'
+        # keys and the Fisher's terms, which must agree across ranks), read at most once and
+        # only when needed: the estimator has usually planned the layers already
+        read: list = []
+
+        def first():
+            if not read:
+                read.append(next(iterate_batches(loader, "train_loader")))
+            return read[0]
+
+        self._plan_fisher(model, task, loader, first() if self.fisher_type == "expected" else None)
+        self._plan(model, layout, task=task, batch=first)
         super()._fit(model, task, loader, layout)
         warn_fallback(owner, model, self.coverage_, self._reasons)
 

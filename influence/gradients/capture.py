@@ -30,6 +30,7 @@ layer called several times in one forward contributes all calls' tokens):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -308,26 +309,42 @@ class LayerCapture:
 
         return hook
 
-    def backward(self, losses: torch.Tensor, retain_graph: bool = False) -> None:
+    def backward(
+        self, losses: torch.Tensor, retain_graph: bool = False, grad_outputs: torch.Tensor | None = None
+    ) -> None:
         """Gradients of ``losses.sum()`` with respect to each captured layer output.
 
         With ``retain_graph=True`` the forward graph is kept, so that ``backward`` can be called
         again on another function of the same forward (e.g. several sampled targets for the true
         Fisher); each call replaces ``output_grads``.
+
+        With ``grad_outputs`` of shape ``(K, *losses.shape)``, ``losses`` may be any tensor of
+        the forward (e.g. the model outputs) and the ``K`` vector-Jacobian products
+        ``⟨losses, grad_outputs[k]⟩`` are taken, by one batched backward
+        (``is_grads_batched``) or, where an operation has no batching rule, one backward per
+        ``k``: ``output_grads[name]`` then holds ``(K·B, T, d_out)``, row ``k·B + b`` for
+        vector ``k`` and example ``b``.
         """
         names = [n for n in self.layers if self._outputs.get(n)]
         flat_outputs = [o for n in names for o in self._outputs[n]]
-        grads = torch.autograd.grad(
-            losses.sum(), flat_outputs, allow_unused=True, retain_graph=retain_graph
-        )
+        if grad_outputs is None:
+            grads = torch.autograd.grad(
+                losses.sum(), flat_outputs, allow_unused=True, retain_graph=retain_graph
+            )
+        else:
+            grads = _batched_vjp(losses, flat_outputs, grad_outputs, retain_graph)
         k = 0
         for name in names:
             info = self.layers[name]
             parts = []
             for out in self._outputs[name]:
-                g = grads[k] if grads[k] is not None else torch.zeros_like(out)
-                if info.batch_axis:
-                    g = g.movedim(info.batch_axis, 0)
+                if grad_outputs is None:
+                    g = grads[k] if grads[k] is not None else torch.zeros_like(out)
+                    if info.batch_axis:
+                        g = g.movedim(info.batch_axis, 0)
+                else:  # (K, ...) → examples of all K vectors along the batch axis, (K·B, ...)
+                    g = grads[k] if grads[k] is not None else out.new_zeros(len(grad_outputs), *out.shape)
+                    g = g.movedim((info.batch_axis or 0) + 1, 1).flatten(0, 1)
                 parts.append(_tokens_out(info, g.detach()))
                 k += 1
             self.output_grads[name] = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
@@ -339,6 +356,26 @@ class LayerCapture:
                         continue
                     parts_in = [tokens_in(info, x) for x in parts_in]
                 self.inputs[name] = torch.cat(parts_in, dim=1) if len(parts_in) > 1 else parts_in[0]
+
+
+def _batched_vjp(outputs: torch.Tensor, inputs: list[torch.Tensor], vectors: torch.Tensor, retain_graph: bool):
+    """``[(K, *x.shape)]``: the vector-Jacobian products of ``vectors`` (``(K, *outputs.shape)``)
+    through ``outputs`` to each ``x`` of ``inputs`` (``None`` where ``x`` is unused)."""
+    try:
+        with warnings.catch_warnings():  # vmap's notice of a slow batching rule: still exact
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            return torch.autograd.grad(
+                outputs, inputs, vectors, allow_unused=True, retain_graph=True, is_grads_batched=True
+            )
+    except (RuntimeError, NotImplementedError):  # an operation without a vmap rule: one at a time
+        pass
+    per_vector = [
+        torch.autograd.grad(outputs, inputs, v, allow_unused=True, retain_graph=retain_graph or k < len(vectors) - 1)
+        for k, v in enumerate(vectors)
+    ]
+    return [
+        None if column[0] is None else torch.stack(column) for column in zip(*per_vector)
+    ]
 
 
 def layer_grads(info: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
