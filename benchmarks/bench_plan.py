@@ -28,7 +28,7 @@ import torch
 
 from _common import CNN, RESULTS, environment, lm, lm_batch, mlp, side_by_side, write
 from influence import ClassificationTask, LanguageModelingTask, select_parameters
-from influence._model_checks import check_deterministic
+from influence._guards import check_deterministic
 from influence.gradients import plan as plans
 from influence.gradients.capture import hookable_layers
 from influence.gradients.hooks import GradientComputer

@@ -56,7 +56,7 @@ def check_aggregate(value: Any) -> str | None:
 def aggregated_query(scorer, test_loader: Iterable[Any], n_total: int) -> dict:
     """The resident form (``{layer: {part: (1, ...)}}``) of the mean (sum) of the preconditioned
     queries of ``test_loader``, built batch by batch; sets the scorer's plan."""
-    from .scoring import _check_finite_block, _n
+    from ._query_groups import _check_finite_block, _n
 
     total, dtypes, count = None, {}, 0
     for batch in track(iterate_batches(test_loader, "test_loader"), "test gradients", test_loader):

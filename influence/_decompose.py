@@ -170,7 +170,8 @@ def _weight_tokens(scorer, f: LayerFactors, W: torch.Tensor) -> torch.Tensor:
 
 def token_scores(scorer, queries: dict, bg, T: int) -> torch.Tensor:
     """``(q, B, T)``: one training batch's scores, training token by training token."""
-    from .scoring import _REST, _n
+    from ._query_groups import _n
+    from .scoring import _REST
 
     comp, sd, q = scorer.computer, scorer.score_dtype, _n(queries)
     total = None
@@ -210,8 +211,8 @@ def token_scores(scorer, queries: dict, bg, T: int) -> torch.Tensor:
 
 def split_pairwise(scorer, test_loader: Iterable[Any], train_loader: Iterable[Any], split: str) -> torch.Tensor:
     """``(n_test, n_train, K)`` scores split by module or token, one training pass per query group."""
-    from .estimator import check_finite
-    from .scoring import _n
+    from ._guards import check_finite
+    from ._query_groups import _n
 
     comp = scorer.computer
     names, index = module_index(comp)

@@ -58,7 +58,7 @@ from ._query_store import pin
 from .distributed import all_gather_counts, all_gather_objects, barrier, rank_and_world
 from .exceptions import InfluenceError
 from .io import atomic_write
-from .scoring import _check_finite_scores, _n
+from ._query_groups import _check_finite_scores, _n
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 

@@ -29,34 +29,12 @@ from ._topk import check_k, streaming_top_k
 from .curvature._base import Curvature, check_instance
 from .curvature.identity import Identity
 from .distributed import DEFAULT_TIMEOUT, all_gather_cat, all_gather_counts, check_same_model, merge_top_k, shard, stage as distributed_stage
-from ._model_checks import check_deterministic, warn_if_dropout_active
+from ._guards import check_deterministic, check_finite, report_unmeasured, unmeasured_examples, warn_if_dropout_active
 from .exceptions import ModelChangedError, NonFiniteGradientError
 from .gradients.hooks import GRADIENT_METHODS, GradientComputer
 from .params import ParamSpec, model_changes, model_state, parameter_fingerprint, select_parameters
 from .scoring import Scorer, ScoringConfig
-from .tasks import ClassificationTask, Task, report_unmeasured, unmeasured_examples
-
-
-def check_finite(G: torch.Tensor, offset: int, what: str) -> None:
-    """Raises :class:`NonFiniteGradientError` naming the examples (rows of ``G``, any shape
-    ``(n, ...)``) with NaN/inf gradients.
-
-    A NaN or inf entry always makes its row's sum non-finite, so one summing pass (no ``(n, P)``
-    mask) clears the usual all-finite case; only when some sum is not finite (which a finite
-    row can also reach, by overflowing) are the entries checked one by one.
-    """
-    if G.dim() == 1:
-        G = G[:, None]
-    if bool(torch.isfinite(G.sum(dim=tuple(range(1, G.dim())))).all()):
-        return
-    bad = ~torch.isfinite(G).flatten(1).all(dim=1)
-    if bool(bad.any()):
-        idx = (torch.nonzero(bad).flatten() + offset).tolist()
-        shown = idx[:20] + (["..."] if len(idx) > 20 else [])
-        raise NonFiniteGradientError(
-            f"NaN or inf gradients for {len(idx)} {what} example(s) at indices {shown}. Check "
-            "those examples' inputs and labels, and the model's loss at them (e.g. log(0))."
-        )
+from .tasks import ClassificationTask, Task
 
 
 def _staged(stage: str):

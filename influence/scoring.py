@@ -33,8 +33,10 @@ from ._progress import timed, track
 from ._params_base import ParamsMixin
 from .curvature._base import Curvature
 from .curvature.identity import Identity
+from ._projections import _gaussian, truncated_svd
+from ._query_groups import _check_finite_block, _check_finite_scores, _first, _Group, _n
 from .gradients.hooks import BatchGrads, GradientComputer, LayerFactors, weight_grads
-from .tasks import report_unmeasured, unmeasured_examples
+from ._guards import report_unmeasured, unmeasured_examples
 
 MODES = ("auto", "materialise", "factored")
 PROJECTIONS = (None, "factored", "dense")
@@ -89,40 +91,6 @@ class ScoringConfig(ParamsMixin):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer or None; got {v!r}.")
-
-
-def _gaussian(seed: int, index: int, shape, k: int, like: torch.Tensor) -> torch.Tensor:
-    """Seeded ``N(0, 1/k)`` entries, drawn on the CPU in float64 (identical on every device)."""
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
-    m = torch.randn(*shape, generator=g, dtype=torch.float64) / math.sqrt(k)
-    return m.to(device=like.device, dtype=like.dtype)
-
-
-def truncated_svd(W: torch.Tensor, r: int, seed: int = 0, oversample: int = 10, power_iters: int = 4):
-    """Rank-``r`` factors ``(U_r S_r, V_rᵀ)`` of each matrix of ``W (n, m, k)``.
-
-    When ``r`` is a sizeable fraction of ``min(m, k)`` (``2r + oversample >= min(m, k)``) this
-    is the exact truncated SVD (so full rank reproduces ``W``). Otherwise it is the randomized
-    SVD of Halko, Martinsson & Tropp (2011, Alg. 4.4 + 5.1): a seeded Gaussian test matrix of
-    ``r + oversample`` columns, ``power_iters`` re-orthonormalised power iterations, and an exact
-    SVD of the small projected matrix. Its cost is ``O(n·m·k·(r + oversample)·power_iters)``
-    instead of the full SVD's ``O(n·m·k·min(m, k))`` (kronfluence's query batching computes the
-    latter); for the decaying spectra of preconditioned gradients it matches the optimal rank-``r``
-    error to a fraction of a percent (tests/test_scoring.py).
-    """
-    n, m, k = W.shape
-    if 2 * r + oversample >= min(m, k):
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        return U[..., :r] * S[:, None, :r], Vh[:, :r]
-    p = r + oversample
-    g = torch.Generator().manual_seed(int(seed))
-    omega = torch.randn(k, p, generator=g, dtype=torch.float64).to(W)
-    Q = torch.linalg.qr(W @ omega).Q  # (n, m, p): range of W
-    Wt = W.transpose(1, 2)
-    for _ in range(power_iters):
-        Q = torch.linalg.qr(W @ torch.linalg.qr(Wt @ Q).Q).Q
-    Ub, S, Vh = torch.linalg.svd(Q.transpose(1, 2) @ W, full_matrices=False)  # (n, p, k): small
-    return (Q @ Ub[..., :r]) * S[:, None, :r], Vh[:, :r]
 
 
 class Scorer:
@@ -471,58 +439,3 @@ class Scorer:
             rows.append(torch.cat(list(self.columns(queries, train_loader)), 1))
             del queries  # before the next group is prepared
         return torch.cat(rows, 0)
-
-
-def _first(bg: BatchGrads) -> torch.Tensor:
-    return next(iter(bg.layers.values())).g if bg.layers else bg.rest
-
-
-def _n(block) -> int:
-    return next(iter(next(iter(block.values())).values())).shape[0]
-
-
-class _Group:
-    """One group of resident queries, allocated once (``size`` rows, shaped like the first
-    block) and filled by row ranges of the blocks. Ghost factors ``L``/``R`` of different
-    lengths (dim 1: tokens) are zero-padded to the longest, which adds nothing to the scores."""
-
-    def __init__(self, block: dict, size: int):
-        self.size, self.filled = size, 0
-        self.parts = {name: {p: t.new_zeros((size, *t.shape[1:])) for p, t in e.items()} for name, e in block.items()}
-
-    @property
-    def free(self) -> int:
-        return self.size - self.filled
-
-    def put(self, block: dict, i: int, j: int) -> None:
-        rows = slice(self.filled, self.filled + j - i)
-        for name, e in block.items():
-            for p, t in e.items():
-                dest = self.parts[name][p]
-                if t.dim() >= 2 and t.shape[1] > dest.shape[1]:  # longer ghost factors: grow
-                    grown = dest.new_zeros((dest.shape[0], t.shape[1], *dest.shape[2:]))
-                    grown[:, : dest.shape[1]] = dest
-                    dest = self.parts[name][p] = grown
-                if t.dim() >= 2:
-                    dest[rows, : t.shape[1]] = t[i:j]
-                else:
-                    dest[rows] = t[i:j]
-        self.filled += j - i
-
-    def trimmed(self) -> dict:
-        return {name: {p: t[: self.filled] for p, t in e.items()} for name, e in self.parts.items()}
-
-
-def _check_finite_block(block, offset) -> None:
-    from .estimator import check_finite
-
-    for e in block.values():
-        for t in e.values():
-            if t.is_floating_point():
-                check_finite(t, offset, "test")
-
-
-def _check_finite_scores(s: torch.Tensor, offset: int) -> None:
-    from .estimator import check_finite
-
-    check_finite(s.T, offset, "train")

@@ -19,7 +19,6 @@ batch of one, so a task must not depend on the batch size.
 from __future__ import annotations
 
 import math
-import warnings
 from abc import ABC, abstractmethod
 from typing import Any, Mapping, Sequence
 
@@ -412,42 +411,3 @@ class LanguageModelingTask(OutputTask):
         """``(B,)``: whether each sequence has at least one target token (label not ``-100``,
         not padding)."""
         return self.token_mask(batch).any(dim=1)
-
-
-def unmeasured_examples(task: Task, batch: Any, offset: int, G: torch.Tensor | None = None) -> list[int]:
-    """Indices (``offset`` + position) of the batch's examples with nothing measured.
-
-    Those :meth:`Task.measured` reports, and, as a backstop for tasks that cannot tell, those
-    whose gradient row in ``G`` (``(B, ...)``, optional) is exactly zero.
-    """
-    mask = task.measured(batch)
-    empty = None if mask is None else ~mask.reshape(-1).bool().cpu()
-    if G is not None:
-        zero = ~(G.reshape(G.shape[0], -1) != 0).any(dim=1).cpu()
-        empty = zero if empty is None else empty | zero
-    if empty is None:
-        return []
-    return (torch.nonzero(empty).flatten() + offset).tolist()
-
-
-def report_unmeasured(indices: list[int], total: int, what: str, strict: bool) -> None:
-    """Raises (``strict`` and all ``total`` examples empty) or warns naming the ``what``
-    examples at ``indices`` whose gradient is zero, so that their scores are all zero."""
-    if not indices:
-        return
-    shown = indices[:20] + (["..."] if len(indices) > 20 else [])
-    why = (
-        "nothing is measured: e.g. a sequence whose labels are all -100 or whose target tokens "
-        "are all padding, so its loss is 0 and its gradient exactly zero"
-    )
-    if strict and len(indices) == total:
-        raise ValueError(
-            f"All {total} {what} example(s) have a zero gradient ({why}): every score would be 0. "
-            "Give each query at least one target token (label other than -100)."
-        )
-    warnings.warn(
-        f"{len(indices)} of {total} {what} example(s) at indices {shown} have a zero gradient "
-        f"({why}): their scores are all 0.",
-        UserWarning,
-        stacklevel=4,
-    )

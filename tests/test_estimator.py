@@ -167,7 +167,7 @@ def test_nan_gradients_name_the_examples(fitted):
 
 
 def test_check_finite_rows_any_shape_and_overflowing_sums():
-    from influence.estimator import check_finite
+    from influence._guards import check_finite
 
     big = torch.full((3, 2, 4), 3e38)  # finite entries whose row sums overflow to inf
     check_finite(big, 0, "train")

@@ -24,7 +24,7 @@ from .._loader import iterate_batches, warn_if_shuffled
 from .._params_base import ParamsMixin, check_is_fitted
 from .._topk import check_k, streaming_top_k
 from ..curvature._base import check_instance
-from ..estimator import check_finite
+from .._guards import check_finite
 from ..exceptions import ModelChangedError
 from ..gradients.functional import per_sample_grads
 from ..params import parameter_fingerprint, select_parameters

@@ -38,7 +38,7 @@ def training_gradients(model, task, loader, layout, chunk_size=None, what: str =
             order) with NaN/inf gradients, at fit time (later they would poison every solve and
             be blamed on the queries).
     """
-    from ..estimator import check_finite
+    from .._guards import check_finite
 
     blocks, offset = [], 0
     for batch in iterate_batches(loader, "loader"):
