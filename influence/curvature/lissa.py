@@ -240,7 +240,7 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
                 half_total += x / s
             for t in range(self.depth):
                 i = int(torch.randint(len(batches), (1,), generator=generator))
-                step = B - (operator.batch_matmat(batches[i], x, offsets[i]) + damping * x) / s
+                step = B - (operator.batch_matmat(batches[i], x, offsets[i], index=i) + damping * x) / s
                 size = step.norm(dim=1)
                 if not bool(torch.isfinite(size).all()) or bool((size > _DIVERGENCE * b_norm).any()):
                     raise _Diverged(t, repeat, float(x.norm(dim=1).max()))
