@@ -69,15 +69,18 @@ def test_tail_averaging_goes_below_the_minibatch_noise_floor(noisy):
 
 def test_averaged_recursion_and_its_convergence_measures_match_a_naive_reimplementation():
     """Same seeded batch draws, per-batch curvatures from the dense oracle: the result is the
-    mean of the iterates after the burn-in, and the measures are taken on that mean."""
+    mean of the iterates after the burn-in, and the measures are taken on that mean. The
+    batches have 4, 4 and 2 examples: each batch's mean curvature is weighted by its size over
+    the mean size (10/3), so that the draws average to ``C`` exactly."""
     model = zoo.mlp(seed=2)
-    x, y = zoo.classification_data(n=12, seed=2)
+    x, y = zoo.classification_data(n=10, seed=2)
     task, loader = ClassificationTask(), zoo.batches(x, y, 4)
     damping, scale, depth = 0.1, 3.0, 9
     G = torch.randn(2, 51, generator=torch.Generator().manual_seed(5), dtype=zoo.DT)
     lissa = LiSSA(damping=damping, depth=depth, scale=scale, num_repeats=2, seed=4, tol=float("inf"))
     X = lissa.fit(model, task, loader).solve(G)
-    C = [oracles.dense_ggn(model, task, [b]) + damping * torch.eye(51, dtype=zoo.DT) for b in loader]
+    C = [len(b[1]) / (10 / 3) * oracles.dense_ggn(model, task, [b]) + damping * torch.eye(51, dtype=zoo.DT) for b in loader]
+    torch.testing.assert_close(sum(C) / 3, oracles.dense_ggn(model, task, loader) + damping * torch.eye(51, dtype=zoo.DT))
     results, previous, middle = [], [], []
     for repeat in range(2):
         generator = torch.Generator().manual_seed(4 + repeat)
