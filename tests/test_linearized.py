@@ -99,9 +99,9 @@ def test_a_linearisation_that_disagrees_with_the_products_is_not_used(monkeypatc
     assert not _linearized.agrees(entry, "ggn", model, task, layout, loader[0])
 
 
-@pytest.mark.parametrize("max_outputs", [16, 0], ids=["jacobian", "products"])
-def test_exact_ggn_by_either_route_equals_the_oracle(monkeypatch, max_outputs):
-    monkeypatch.setattr(_linearized, "MAX_OUTPUTS", max_outputs)
+@pytest.mark.parametrize("jacobian", [True, False], ids=["jacobian", "products"])
+def test_exact_ggn_by_either_route_equals_the_oracle(monkeypatch, jacobian):
+    monkeypatch.setattr(_linearized, "jacobian_pays_off", lambda *args: jacobian)
     model, task, loader = problem(d_out=5)
     exact = Exact(damping=0.1).fit(model, task, loader)
     torch.testing.assert_close(exact.matrix_, oracles.dense_ggn(model, task, loader), rtol=1e-10, atol=1e-12)
@@ -112,6 +112,24 @@ def test_exact_hessian_in_column_blocks_equals_the_oracle(chunk_size):
     model, task, loader = problem()
     exact = Exact(damping=0.5, curvature_type="hessian", chunk_size=chunk_size).fit(model, task, loader)
     torch.testing.assert_close(exact.matrix_, oracles.dense_hessian(model, task, loader), rtol=1e-10, atol=1e-12)
+
+
+def test_the_ggn_jacobian_is_kept_where_its_products_are_cheaper():
+    """Small Jacobians always; large ones where the model reuses its weights (convolutions),
+    not for a wide MLP with 5 outputs (its kept-Jacobian products cost 4·5·P flops per example
+    against ~6·P for the plain ones)."""
+    from torch import nn
+
+    task = ClassificationTask()
+    wide = nn.Sequential(nn.Linear(100, 256), nn.Tanh(), nn.Linear(256, 5))
+    x, y = torch.randn(16, 100), torch.randint(0, 5, (16,))
+    assert not _linearized.jacobian_pays_off(wide, task, select_parameters(wide), (x, y), 5)
+    assert _linearized.jacobian_pays_off(wide, task, select_parameters(wide), (x[:4], y[:4]), 5)  # 543k entries
+    conv = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 3))
+    images, labels = torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))
+    assert _linearized.jacobian_pays_off(conv, task, select_parameters(conv), (images, labels), 3)
+    assert _linearized.linearize("ggn", wide, task, select_parameters(wide), (x, y)) is None
 
 
 def test_arnoldi_takes_the_dense_route_for_large_krylov_spaces_and_lanczos_otherwise():

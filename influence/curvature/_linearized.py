@@ -8,11 +8,12 @@ what remains:
 
 - ``"fisher"`` (:class:`GradientRows`): the per-example gradients ``G`` (``B × P``);
   ``C_b V = (V Gᵀ) G``, two matrix products.
-- ``"ggn"`` (:class:`OutputJacobian`), for models with at most :data:`MAX_OUTPUTS` outputs per
-  example: the per-example output Jacobians ``J_j = ∂f(z_j)/∂θ`` (``B × K × P``) and the
-  output-loss Hessians ``H_j = ∂²ℓ_j/∂f²`` (``B × K × K``); ``C_b V = Σ_j J_jᵀ H_j J_j V``, two
-  matrix products and a batched ``K × K`` one. The dense ``C_b = Σ_j J_jᵀ (H_j J_j)`` is one
-  more (:meth:`OutputJacobian.dense`), far cheaper than ``P`` products when ``K`` is small.
+- ``"ggn"`` (:class:`OutputJacobian`), where its products are the cheaper ones
+  (:func:`jacobian_pays_off`): the per-example output Jacobians ``J_j = ∂f(z_j)/∂θ``
+  (``B × K × P``, ``K`` outputs per example) and the output-loss Hessians
+  ``H_j = ∂²ℓ_j/∂f²`` (``B × K × K``); ``C_b V = Σ_j J_jᵀ H_j J_j V``, two matrix products and a
+  batched ``K × K`` one. The dense ``C_b = Σ_j J_jᵀ (H_j J_j)`` is one more
+  (:meth:`OutputJacobian.dense`) instead of ``P`` products.
 - ``"hessian"`` (:class:`HessianGraph`): the autograd graph of ``∇ℓ`` built once with
   ``create_graph=True``; ``C_b V = ∇_θ⟨∇ℓ, v⟩`` for all rows at once (``is_grads_batched``): one
   backward pass through the kept graph.
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 from torch.func import grad, jacrev, jvp, vmap
 from torch.utils._pytree import tree_unflatten
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..gradients._transforms import transform_kernels
 from ..gradients.functional import split_batch
@@ -39,11 +41,9 @@ from ..params import ParameterLayout
 from ..tasks import OutputTask, Task
 from ._products import batch_matmat, flat_parameters, functional
 
-#: The Gauss-Newton linearisation is used up to this many model outputs per example. Its
-#: products cost ``~4·K·P`` per example against ``~6·P`` (and three passes through the model)
-#: for a product by :func:`~._products.batch_matmat`, and matrix products run several times
-#: faster per flop than the vmapped passes; ``benchmarks/compare_matrix_free.py``.
-MAX_OUTPUTS = 16
+#: A batch's output Jacobian of at most this many entries is always kept (see
+#: :func:`jacobian_pays_off`).
+SMALL_JACOBIAN = 2**20
 
 #: Dense matrices by products (:meth:`Linearizer.dense`): columns per batched product are
 #: chosen so that the products' intermediates take about this many bytes.
@@ -113,6 +113,27 @@ class HessianGraph:
 Linearized = GradientRows | OutputJacobian | HessianGraph
 
 
+def jacobian_pays_off(model: nn.Module, task: OutputTask, layout: ParameterLayout, batch: Any, K: int) -> bool:
+    """Whether the :class:`OutputJacobian` of a batch gives cheaper products than
+    :func:`~._products.batch_matmat`.
+
+    Per example and vector, its products cost ``4·K·P`` flops (two matrix products with ``J``),
+    the plain ones ``~3·F`` (a tangent forward pass and a backward pass; ``F`` the forward flops
+    per example, counted once with torch's ``FlopCounterMode``): kept when ``4·K·P <= 3·F``
+    (e.g. convolutions, which reuse each weight many times), and whenever the batch's Jacobian
+    has at most :data:`SMALL_JACOBIAN` entries, where the plain products' fixed cost per call
+    (a hundred or so operator launches) dominates. ``benchmarks/bench_linearized.py`` measures
+    both: on an MLP (``F = 2P``) with 40 examples per batch and 50 vectors, the kept Jacobian is
+    3.3x faster at ``P = 1669, K = 5`` (334k entries) and 2.4x slower at ``P = 27141, K = 5``.
+    """
+    B, P = task.num_examples(batch), layout.num_params
+    if B * K * P <= SMALL_JACOBIAN:
+        return True
+    with torch.no_grad(), transform_kernels(model), FlopCounterMode(display=False) as counter:
+        functional(model, layout, task.forward, batch)(flat_parameters(model, layout))
+    return 4 * K * P <= 3 * counter.get_total_flops() / max(B, 1)
+
+
 def outputs_per_example(task: Task, model: nn.Module, layout: ParameterLayout, batch: Any) -> int | None:
     """``K``, the number of model outputs per example, or ``None`` when the outputs are not
     batch-first tensors."""
@@ -124,17 +145,19 @@ def outputs_per_example(task: Task, model: nn.Module, layout: ParameterLayout, b
     return outputs[0].numel()
 
 
-def linearize(curvature_type: str, model: nn.Module, task: Task, layout: ParameterLayout, batch: Any):
+def linearize(curvature_type: str, model: nn.Module, task: Task, layout: ParameterLayout, batch: Any) -> Linearized | None:
     """The linearisation of one batch's ``"ggn"`` or ``"hessian"``, or ``None`` where none
-    applies (the GGN of a task without the output split or with more than :data:`MAX_OUTPUTS`
-    outputs per example). The empirical Fisher's (:class:`GradientRows`) is built by the
-    caller from its per-example gradients."""
+    applies or pays off (the GGN of a task without the output split, or where
+    :func:`jacobian_pays_off` says no). The empirical Fisher's (:class:`GradientRows`) is built
+    by the caller from its per-example gradients."""
     if curvature_type == "hessian":
         return HessianGraph(model, task, layout, batch)
     if curvature_type != "ggn" or not isinstance(task, OutputTask):
         return None
     K = outputs_per_example(task, model, layout, batch)
-    return None if K is None or K > MAX_OUTPUTS else ggn_linearization(model, task, layout, batch)
+    if K is None or not jacobian_pays_off(model, task, layout, batch, K):
+        return None
+    return ggn_linearization(model, task, layout, batch)
 
 
 def ggn_linearization(model: nn.Module, task: OutputTask, layout: ParameterLayout, batch: Any) -> OutputJacobian:
@@ -194,10 +217,10 @@ class Linearizer:
         self.enabled: bool | None = None if curvature_type in ("ggn", "hessian") else False
         self._column_bytes: float | None = None  # per example, for dense chunks of products
 
-    def __call__(self, batch: Any):
+    def __call__(self, batch: Any) -> Linearized | None:
         if self.enabled is False:
             return None
-        try:  # (the number of outputs per example is checked on the first batch only)
+        try:  # (whether the GGN's Jacobian pays off is decided on the first batch)
             if self.enabled is None or self.curvature_type == "hessian":
                 entry = linearize(self.curvature_type, self.model, self.task, self.layout, batch)
             else:
@@ -212,7 +235,7 @@ class Linearizer:
         self.enabled = True
         return entry
 
-    def dense(self, batch: Any, chunk_size: int | None = None, entry=None) -> torch.Tensor:
+    def dense(self, batch: Any, chunk_size: int | None = None, entry: Linearized | None = None) -> torch.Tensor:
         """``C_b`` of one batch as a dense float64 ``(P, P)`` matrix.
 
         From ``entry`` or a new linearisation when it has a dense form (the GGN's
@@ -245,7 +268,7 @@ class Linearizer:
         return int(max(1, min(self.layout.num_params, DENSE_CHUNK_BYTES // max(self._column_bytes * n, 1))))
 
 
-def agrees(entry, curvature_type: str, model: nn.Module, task: Task, layout: ParameterLayout, batch: Any) -> bool:
+def agrees(entry: Linearized, curvature_type: str, model: nn.Module, task: Task, layout: ParameterLayout, batch: Any) -> bool:
     """Whether ``entry`` applies the same ``C_b`` as :func:`~._products.batch_matmat`, on two
     seeded random vectors, up to ``10·√ε`` of the product's norm."""
     theta = flat_parameters(model, layout)

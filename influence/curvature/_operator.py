@@ -209,7 +209,7 @@ class CurvatureOperator:
         if self._complete:
             for entry in self._entries.values():
                 out += entry.apply(Vm).double()
-            if not bool(torch.isfinite(out).all()):  # name the examples (products are finite at build)
+            if not bool(torch.isfinite(out).all()):  # redo it batch by batch, which names the examples
                 self._complete = False
                 return self.matmat(V)
             return self._reduce(out) / self.num_examples

@@ -27,8 +27,9 @@ class Exact(Curvature):
 
     The matrix is built per training batch the cheapest way available
     (:meth:`~._linearized.Linearizer.dense`): ``"fisher"`` as ``GᵀG`` from one per-example
-    gradient pass; ``"ggn"`` with at most 16 outputs per example as ``Σ_j J_jᵀ H_j J_j`` from the
-    per-example output Jacobians (one matrix product); otherwise column block by column block
+    gradient pass; ``"ggn"`` as ``Σ_j J_jᵀ H_j J_j`` from the per-example output Jacobians (one
+    matrix product) where those are small or cheap (e.g. a classifier with few classes, see
+    :func:`~._linearized.jacobian_pays_off`); otherwise column block by column block
     from batched curvature-vector products (``chunk_size`` columns at once; by default as many
     as keep the intermediates near 256 MiB), ``P`` products per batch. ``max_params`` refuses
     parameter sets whose ``P × P`` float64 matrix would be too large. The Cholesky factor is
