@@ -177,7 +177,8 @@ def test_lissa_converged_does_not_warn_and_reports(regression):
     exact = Exact(damping=0.3, curvature_type="ggn").fit(model, task, loader).solve(G)
     torch.testing.assert_close(X, exact, rtol=1e-5, atol=1e-12)
     info = lissa.last_info_
-    assert set(info) == {"scale", "final_step", "half_change"} and info["half_change"].shape == (2,)
+    assert set(info) == {"scale", "final_step", "half_change", "averaged"} and info["half_change"].shape == (2,)
+    assert info["averaged"] is False  # one batch: the last iterate
     assert float(info["half_change"].max()) < 0.05 and float(info["final_step"][1]) == 0.0
     strict = LiSSA(damping=0.3, curvature_type="ggn", depth=150, tol=1e-20).fit(model, task, loader)
     assert len(_solve(strict, G)[1]) == 1  # tol is what decides

@@ -38,6 +38,7 @@ from ..gradients.functional import per_sample_grads, take_examples
 from ..params import ParameterLayout
 from ..tasks import Task
 from ._base import Curvature, check_finite_statistics
+from ._linearized import GradientRows, Linearizer
 from ._products import batch_matmat, check_curvature_type
 
 
@@ -64,10 +65,15 @@ class CurvatureOperator:
             ``seed``) instead of all of them; the drawn examples are held in memory.
         seed: seed of the subsample.
         chunk_size: rows of ``V`` per vmapped product (memory bound).
-        cache_bytes: for ``curvature_type="fisher"``, the first :meth:`matmat` keeps the
-            per-example training gradients when they fit in this many bytes, and later products
-            are two matrix multiplications (``(V Gᵀ) G``) instead of a pass of per-example
-            gradients: iterative solvers then cost one gradient pass in all.
+        cache_bytes: the first :meth:`matmat` keeps every batch's *linearisation*
+            (:mod:`._linearized`) when all of them fit in this many bytes (estimated from the
+            first batch), and later products read neither the data nor the model: for
+            ``"fisher"`` the per-example gradients (``(V Gᵀ) G``); for ``"ggn"`` with few outputs
+            per example the output Jacobians and output-loss Hessians (three small matrix
+            products); for ``"hessian"`` the autograd graph of the batch gradient (one backward
+            pass per product instead of three passes through the model). Iterative solvers
+            then cost about one pass over the data in all. ``0`` turns the cache off. LiSSA's
+            minibatch products (:meth:`batch_matmat` with ``index``) use and fill the same cache.
 
     Examples:
         >>> import torch
@@ -94,7 +100,9 @@ class CurvatureOperator:
     ):
         self.curvature_type = check_curvature_type(curvature_type, task)
         self.cache_bytes = cache_bytes
-        self._gradient_cache: list[torch.Tensor] | None = None
+        self._entries: dict[int, Any] = {}  # batch position -> linearisation
+        self._caching: bool | None = None if cache_bytes > 0 else False  # None: not decided yet
+        self._complete = False  # every position of the batches this rank sums over is cached
         self.model = model
         self.task = task
         self.layout = layout
@@ -113,6 +121,7 @@ class CurvatureOperator:
             self._list = _subsample(task, loader, num_samples, seed)
             self.loader = self._list
             self.num_examples = self.num_local_examples = num_samples
+        self._linearizer = Linearizer(self.curvature_type, model, task, layout)
 
     def batches(self) -> Iterator[Any]:
         """The batches this rank averages over (its shard when :attr:`sharded`)."""
@@ -134,13 +143,60 @@ class CurvatureOperator:
         check_finite_statistics(out, self.model, self.task, batch, self.layout, offset)
         return out.double()
 
-    def batch_matmat(self, batch: Any, V: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def batch_matmat(self, batch: Any, V: torch.Tensor, offset: int = 0, index: int | None = None) -> torch.Tensor:
         """``C_batch V``: the mean curvature of one batch on the rows of ``V`` (float64).
 
-        ``offset``, the batch's first example index, only labels errors.
+        ``offset``, the batch's first example index, only labels errors. ``index``, the
+        batch's position in :meth:`batch_list`, lets the product use (and fill) the
+        linearisation cache; not when :attr:`sharded` (the list then differs from the shard).
         """
-        out = self._product(batch, V.to(self.device, self.dtype), offset)
+        Vm = V.to(self.device, self.dtype)
+        if index is None or self.sharded:
+            out = self._product(batch, Vm, offset)
+        else:
+            out = self._cached_product(index, batch, Vm, offset)
         return out / self.task.num_examples(batch)
+
+    def _positions(self) -> Iterable[tuple[int, Any]]:
+        """``(position, batch)`` of the batches :meth:`matmat` sums over: the materialised
+        :meth:`batch_list` once there is one and the operator is not sharded (so that its
+        indices and the cache's agree), else this rank's batches as the loader yields them."""
+        if not self.sharded and self._list is not None:
+            return enumerate(self._list)
+        return enumerate(self.batches())
+
+    def _cached_product(self, index: int, batch: Any, V: torch.Tensor, offset: int) -> torch.Tensor:
+        """``C_batch V`` (summed, float64) through the batch's cached linearisation, built now
+        if the cache is (or may still be) on."""
+        entry = self._entries.get(index)
+        if entry is None and self._caching is not False:
+            entry = self._linearize(batch, offset)
+            if entry is not None:
+                self._entries[index] = entry
+        if entry is None:
+            return self._product(batch, V, offset)
+        out = entry.apply(V)
+        check_finite_statistics(out, self.model, self.task, batch, self.layout, offset)
+        return out.double()
+
+    def _linearize(self, batch: Any, offset: int):
+        """A linearisation of ``batch``; on the first, decides whether all would fit
+        ``cache_bytes`` (and turns the cache off if not)."""
+        if self.curvature_type == "fisher":
+            G = per_sample_grads(self.model, self.task, batch, self.layout)
+            check_finite_statistics(G, self.model, self.task, batch, self.layout, offset)
+            entry = GradientRows(G)
+        else:
+            entry = self._linearizer(batch)
+        if entry is None:
+            self._caching = False
+        elif self._caching is None:
+            per_example = entry.nbytes / max(self.task.num_examples(batch), 1)
+            self._caching = per_example * self.num_local_examples <= self.cache_bytes
+        if not self._caching:
+            self._entries.clear()
+            return None
+        return entry
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``C V`` on the rows of ``V`` (``(n, P)``), in float64 on the parameters' device.
@@ -150,33 +206,45 @@ class CurvatureOperator:
         """
         out = torch.zeros(V.shape, dtype=torch.float64, device=self.device)
         Vm = V.to(self.device, self.dtype)
-        if self._gradient_cache is not None:
-            for G in self._gradient_cache:
-                out += ((Vm @ G.T) @ G).double()
+        if self._complete:
+            for entry in self._entries.values():
+                out += entry.apply(Vm).double()
+            if not bool(torch.isfinite(out).all()):  # redo it batch by batch, which names the examples
+                self._complete = False
+                return self.matmat(V)
             return self._reduce(out) / self.num_examples
-        cache = self._new_gradient_cache()
-        offset = 0
-        for batch in self.batches():
-            if cache is None:
-                out += self._product(batch, Vm, offset)
-            else:
-                G = per_sample_grads(self.model, self.task, batch, self.layout)
-                check_finite_statistics(G, self.model, self.task, batch, self.layout, offset)
-                cache.append(G)
-                out += ((Vm @ G.T) @ G).double()
+        offset = count = 0
+        for index, batch in self._positions():
+            out += self._cached_product(index, batch, Vm, offset)
             offset += self.task.num_examples(batch)
-        self._gradient_cache = cache
+            count = index + 1
+        self._complete = bool(self._caching) and len(self._entries) == count > 0
         return self._reduce(out) / self.num_examples
 
     def _reduce(self, total: torch.Tensor) -> torch.Tensor:
         """Sums a shard's total over the ranks when the operator is sharded."""
         return distributed.all_reduce_sum(total) if self.sharded else total
 
-    def _new_gradient_cache(self) -> list | None:
-        """An empty gradient cache when this rank's empirical-Fisher gradients fit the budget."""
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        size = self.num_local_examples * self.layout.num_params * itemsize
-        return [] if self.curvature_type == "fisher" and size <= self.cache_bytes else None
+    def dense(self) -> torch.Tensor:
+        """``C`` as a dense float64 ``(P, P)`` matrix (a collective when :attr:`sharded`).
+
+        Per batch the cheapest way available (:meth:`Linearizer.dense`): from the cached
+        linearisation when it has a dense form (``GᵀG``, ``Σ_j J_jᵀ H_j J_j``), else by ``P``
+        products in memory-bounded column blocks.
+        """
+        P = self.layout.num_params
+        out = torch.zeros(P, P, dtype=torch.float64, device=self.device)
+        offset = 0
+        for index, batch in self._positions():
+            entry = self._entries.get(index)
+            if entry is None and self.curvature_type == "fisher":
+                entry = GradientRows(per_sample_grads(self.model, self.task, batch, self.layout))
+            block = self._linearizer.dense(batch, self.chunk_size, entry)
+            check_finite_statistics(block, self.model, self.task, batch, self.layout, offset)
+            out += block
+            offset += self.task.num_examples(batch)
+        out = self._reduce(out) / self.num_examples
+        return 0.5 * (out + out.T)
 
     def top_eigenvalue(self, num_iters: int = 20, seed: int = 0) -> float:
         """Largest-magnitude eigenvalue of ``C`` by power iteration (float64)."""

@@ -8,7 +8,8 @@ from ..exceptions import CurvatureError
 from .._params_base import check_is_fitted
 from ._base import RCOND, Curvature, check_conditioning
 from ..gradients.functional import per_sample_grads
-from ._products import batch_matmat, check_curvature_type
+from ._linearized import Linearizer
+from ._products import check_curvature_type
 
 
 class Exact(Curvature):
@@ -24,8 +25,13 @@ class Exact(Curvature):
       GGN for a linear model (e.g. logistic regression).
     - ``"fisher"``: empirical Fisher ``∇ℓ(z_j)∇ℓ(z_j)ᵀ`` with the data's labels.
 
-    The matrix is built column by column from batched curvature-vector products (``chunk_size``
-    columns at once), costing ``P`` products per training batch; ``max_params`` refuses
+    The matrix is built per training batch the cheapest way available
+    (:meth:`~._linearized.Linearizer.dense`): ``"fisher"`` as ``GᵀG`` from one per-example
+    gradient pass; ``"ggn"`` as ``Σ_j J_jᵀ H_j J_j`` from the per-example output Jacobians (one
+    matrix product) where those are small or cheap (e.g. a classifier with few classes, see
+    :func:`~._linearized.jacobian_pays_off`); otherwise column block by column block
+    from batched curvature-vector products (``chunk_size`` columns at once; by default as many
+    as keep the intermediates near 256 MiB), ``P`` products per batch. ``max_params`` refuses
     parameter sets whose ``P × P`` float64 matrix would be too large. The Cholesky factor is
     cached per damping value. A ``C + λI`` that is not positive definite or is numerically
     singular (smallest eigenvalue ``<= 1e-12 ×`` largest, see
@@ -53,7 +59,7 @@ class Exact(Curvature):
         damping: float = 1e-3,
         curvature_type: str = "ggn",
         max_params: int = 5000,
-        chunk_size: int | None = 256,
+        chunk_size: int | None = None,
     ):
         super().__init__(damping=damping)
         self.curvature_type = curvature_type
@@ -70,6 +76,7 @@ class Exact(Curvature):
                 "Arnoldi, DataInf), attribute fewer parameters (params=[...]), or raise "
                 "max_params if you have the memory."
             )
+        self._linearizer = Linearizer(self.curvature_type, model, task, layout)
         super()._fit(model, task, loader, layout)  # the statistics protocol
 
     def _batch_statistics(self, model, task, batch, layout, pass_index):
@@ -78,21 +85,9 @@ class Exact(Curvature):
             G = per_sample_grads(model, task, batch, layout).double()
             matrix = G.T @ G
         else:
-            matrix = self._summed_matrix(model, task, batch, layout)
+            matrix = self._linearizer.dense(batch, self.chunk_size)
         count = torch.tensor(float(task.num_examples(batch)), dtype=torch.float64, device=first.device)
         return {"matrix": matrix, "num_examples": count}
-
-    def _summed_matrix(self, model, task, batch, layout) -> torch.Tensor:
-        """``Σ_b C_b`` of one batch, column block by column block of the identity."""
-        P = layout.num_params
-        first = next(iter(layout.tensors(model).values()))
-        matrix = torch.zeros(P, P, dtype=torch.float64, device=first.device)
-        eye = torch.eye(P, dtype=first.dtype, device=first.device)
-        step = self.chunk_size or P
-        for start in range(0, P, step):
-            block = batch_matmat(self.curvature_type, model, task, layout, batch, eye[start : start + step])
-            matrix[start : start + step] += block.double()
-        return matrix
 
     def _finalize(self, statistics, layout, pass_index):
         count = statistics["num_examples"]

@@ -12,6 +12,7 @@ from ._layerwise import DATAINF, LayerDampingMixin, block_slices, datainf_dampin
 from ._operator import OperatorCurvature
 
 VARIANTS = ("standard", "paper")
+AVERAGING = ("auto", "tail", "none")
 PAPER_ITERATIONS = 3
 _DIVERGENCE = 1e3  # a step longer than this many times ‖g‖ means the recursion diverges
 _AUTO_RETRIES = 3  # scale='auto': on divergence retry with 4x the scale, this many times
@@ -29,12 +30,33 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
         x_0 = g, \qquad x_{t+1} = g + x_t - \frac{(C_{b_t} + λI)\, x_t}{s},
         \qquad \text{result } x_{\text{depth}} / s,
 
-    where ``C_{b_t}`` is the mean curvature of one training batch ``b_t`` drawn uniformly from
-    the loader's batches (seeded by ``seed``). The fixed point is ``x = s (C + λI)⁻¹ g``; the
-    recursion contracts when ``0 < (C + λI) < 2s`` and its error shrinks like
+    where ``C_{b_t} = (1/n̄) Σ_{j∈b_t} C_j`` is the curvature summed over one training batch
+    ``b_t``, drawn uniformly from the loader's batches (seeded by ``seed``), divided by the mean
+    batch size ``n̄``: its mean over the draws is exactly ``C`` (with equal batches it is the
+    batch's mean curvature; dividing a smaller last batch by its own size instead would weight
+    its examples more, a bias of ~4·10⁻² in the setting below). The fixed point of the mean
+    recursion is ``x = s (C + λI)⁻¹ g``; the recursion contracts when ``0 < (C + λI) < 2s`` and
+    its error shrinks like
     ``(1 − (μ_min + λ)/s)^t``, so ``depth`` must be several times ``s / (μ_min + λ)``.
     ``num_repeats`` independent recursions (seeds ``seed``, ``seed + 1``, ...) are averaged.
-    Minibatch noise leaves an error floor that shrinks with larger batches and more repeats.
+
+    **Tail averaging** (``averaging``). With minibatch curvature the last iterate ``x_T`` does
+    not converge: it keeps fluctuating around ``s (C + λI)⁻¹ g`` with a spread set by the
+    minibatch noise, an error floor that depth does not lower (on a logistic regression with
+    batches of 32, ``scale=5``, ``damping=0.01``: 9·10⁻² at depth 3000, see
+    ``benchmarks/bench_lissa_noise.py``). The iterates' mean does converge, since the batch is
+    drawn independently of ``x_t`` and so ``E[x_{t+1}] = g + (I − (C + λI)/s) E[x_t]`` has the
+    exact fixed point (Polyak–Ruppert averaging; tail averaging as in Jain, Kakade, Kidambi,
+    Netrapalli, Sidford, "Parallelizing Stochastic Gradient Descent for Least Squares
+    Regression", JMLR 2018). ``averaging="tail"`` therefore returns the mean of the iterates
+    of the last half, ``y_T = mean(x_{h+1}, ..., x_T) / s`` with ``h = ⌊T/2⌋`` (the first half
+    is the burn-in, during which the start ``x_0 = g`` is forgotten). Its noise shrinks like
+    ``1/√(T/2)``; its bias (the part of ``x_0`` not yet forgotten) decays like the burn-in's,
+    ``(1 − (μ_min + λ)/s)^{T/2}``, so for the same bias it needs about twice the depth. With a
+    single batch every step uses the same matrix, there is no noise to average, and the last
+    iterate converges faster: the default ``averaging="auto"`` averages only when the loader
+    (or ``num_samples`` subsample) has more than one batch; ``"none"`` always returns ``x_T/s``
+    (the recursion of Agarwal et al. and Koh & Liang), ``"tail"`` always averages.
 
     ``scale="auto"`` estimates the top eigenvalue ``μ_max`` of ``C`` by power iteration at fit
     time (``power_iters`` passes) and uses ``s = 2 μ_max + λ`` at solve time (a margin for
@@ -44,10 +66,14 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
     small the iterate norm grows and :class:`~influence.CurvatureError` is raised suggesting a
     larger one.
 
-    Convergence is checked after every solve: ``last_info_`` holds ``scale`` and, per row of
-    the result ``x`` (averaged over repeats), the final relative step
-    ``final_step = ‖x_T − x_{T−1}‖ / ‖x_T‖`` and the relative change over the last half of the
-    recursion ``half_change = ‖x_T − x_{⌊T/2⌋}‖ / ‖x_T‖``. When either exceeds ``tol`` a
+    Convergence is checked after every solve: ``last_info_`` holds ``scale``, ``averaged``
+    (whether the result is the tail average) and, per row of the reported iterate ``y``
+    (``x`` itself, or its tail average; averaged over repeats), the final relative step
+    ``final_step = ‖y_T − y_{T−1}‖ / ‖y_T‖`` and the relative change over the last half of the
+    recursion ``half_change = ‖y_T − y_{⌊T/2⌋}‖ / ‖y_T‖``; with averaging, over the last half of
+    the averaging window instead, ``‖y_T − y_{⌊3T/4⌋}‖ / ‖y_T‖`` (half the difference between
+    the means of the window's two halves: it sees both a drift and the remaining noise, and a
+    recursion still growing linearly gives 1/6 instead of 1/2). When either exceeds ``tol`` a
     :class:`~influence.ConvergenceWarning` says so (as CG does at ``max_iter``). The half-way
     change is needed because the final step alone misses a recursion that is far from its
     fixed point but moving slowly: with ``scale=1e6`` and ``depth=1000`` (relative error 1.0)
@@ -88,6 +114,8 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
         num_repeats: independent recursions averaged.
         scale: ``s > 0`` or ``"auto"``.
         variant: ``"standard"`` or ``"paper"``.
+        averaging: ``"auto"`` (tail averaging when there is more than one batch), ``"tail"``
+            or ``"none"`` (the last iterate); standard variant only.
         power_iters: power-iteration passes of ``scale="auto"``.
         blocks: ``"parameter"`` or ``"module"`` (paper variant).
         seed: seed of the minibatch draws (and of ``num_samples``).
@@ -127,6 +155,7 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
         num_samples: int | None = None,
         chunk_size: int | None = None,
         tol: float = DEFAULT_TOL,
+        averaging: str = "auto",
     ):
         super().__init__(damping=damping)
         self.curvature_type = curvature_type
@@ -140,10 +169,13 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
         self.num_samples = num_samples
         self.chunk_size = chunk_size
         self.tol = tol
+        self.averaging = averaging
 
     def _fit(self, model, task, loader, layout):
         if self.variant not in VARIANTS:
             raise ValueError(f"Invalid variant {self.variant!r}. Supported: {VARIANTS}.")
+        if self.averaging not in AVERAGING:
+            raise ValueError(f"Invalid averaging {self.averaging!r}. Supported: {AVERAGING}.")
         for name in ("depth", "num_repeats", "power_iters"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -211,8 +243,8 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
                 )
                 s *= 4
                 self._auto_factor = getattr(self, "_auto_factor", 1.0) * 4  # later solves too
-        x, final_step, half_change = result
-        self._set_info(s, final_step, half_change, (
+        x, final_step, half_change, averaged = result
+        self._set_info(s, final_step, half_change, averaged, (
             f"Its error shrinks like (1 − (smallest eigenvalue + damping)/scale)^step with "
             f"scale={s:g}: raise depth (to several times scale / (smallest eigenvalue + damping)), "
             "lower the scale, or add damping; with damping=0 a singular curvature makes the "
@@ -221,55 +253,67 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
         return x.to(G.device)
 
     def _recursion(self, B: torch.Tensor, s: float, damping: float):
-        """The averaged recursions ``x / s`` and their relative final step and half-way change.
+        """The result ``y_T / s`` averaged over repeats, its relative final step and half-way
+        change (``y`` the reported iterate: ``x`` itself, or its tail average, see
+        :class:`_Tracker`) and whether ``y`` is the tail average.
 
         Raises ``_Diverged`` when a step is non-finite or longer than ``1e3·‖g‖``.
         """
         operator = self.operator_
         batches = operator.batch_list()
-        offsets = [0]
-        for batch in batches[:-1]:
-            offsets.append(offsets[-1] + operator.task.num_examples(batch))
+        sizes = [operator.task.num_examples(batch) for batch in batches]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        # a batch's mean curvature weighted by its size over the mean size: unbiased for C
+        weights = [n * len(sizes) / sum(sizes) for n in sizes]
+        averaged = self.averaging == "tail" or (self.averaging == "auto" and len(batches) > 1)
         b_norm = B.norm(dim=1)
-        total, half_total, last_step = torch.zeros_like(B), torch.zeros_like(B), torch.zeros_like(B)
-        half = self.depth // 2
+        total, previous, midway = torch.zeros_like(B), torch.zeros_like(B), torch.zeros_like(B)
         for repeat in range(self.num_repeats):
             generator = torch.Generator().manual_seed(self.seed + repeat)
             x = B.clone()
-            if half == 0:
-                half_total += x / s
-            for t in range(self.depth):
+            tracker = _Tracker(self.depth, averaged, x)
+            for t in range(1, self.depth + 1):
                 i = int(torch.randint(len(batches), (1,), generator=generator))
-                step = B - (operator.batch_matmat(batches[i], x, offsets[i]) + damping * x) / s
+                step = B - (weights[i] * operator.batch_matmat(batches[i], x, offsets[i], index=i) + damping * x) / s
                 size = step.norm(dim=1)
                 if not bool(torch.isfinite(size).all()) or bool((size > _DIVERGENCE * b_norm).any()):
-                    raise _Diverged(t, repeat, float(x.norm(dim=1).max()))
+                    raise _Diverged(t - 1, repeat, float(x.norm(dim=1).max()))
                 x = x + step
-                if t + 1 == half:
-                    half_total += x / s
-            total += x / s
-            last_step += step / s
-        x, x_half, R = total / self.num_repeats, half_total / self.num_repeats, self.num_repeats
-        return x, _relative(last_step.norm(dim=1) / R, x), _relative((x - x_half).norm(dim=1), x)
+                tracker.update(t, x)
+            total += tracker.value / s
+            previous += tracker.previous / s
+            midway += tracker.midway / s
+        x, R = total / self.num_repeats, self.num_repeats
+        final_step = _relative((total - previous).norm(dim=1) / R, x)
+        return x, final_step, _relative((total - midway).norm(dim=1) / R, x), averaged
 
-    def _set_info(self, scale, final_step, half_change, advice: str) -> None:
+    def _set_info(self, scale, final_step, half_change, averaged: bool, advice: str) -> None:
         """Sets ``last_info_`` and warns (:class:`~influence.ConvergenceWarning`) above ``tol``.
 
-        ``final_step = ‖x_T − x_{T−1}‖ / ‖x_T‖`` and ``half_change = ‖x_T − x_{⌊T/2⌋}‖ / ‖x_T‖``
-        per row, for the result ``x`` (the average over repeats). The final step alone misses a
-        recursion still far from its fixed point: while its slowest component grows linearly
-        (``t ≪ s / (μ_min + λ)``, or a singular ``C`` at ``damping=0``) each step is only ~``1/t``
-        of the iterate, whereas the change over the last half stays near ``1/2``.
+        ``final_step = ‖y_T − y_{T−1}‖ / ‖y_T‖`` and ``half_change = ‖y_T − y_mid‖ / ‖y_T‖``
+        per row, for the reported iterate ``y`` (averaged over repeats): without averaging
+        ``y = x`` and ``mid = ⌊T/2⌋``; with tail averaging ``y`` is the running mean over the
+        window ``(⌊T/2⌋, T]`` and ``mid`` the window's middle (:class:`_Tracker`), so that
+        ``half_change`` is half the difference between the means of the window's two halves.
+        The final step alone misses a recursion still far from its fixed point: while its
+        slowest component grows linearly (``t ≪ s / (μ_min + λ)``, or a singular ``C`` at
+        ``damping=0``) each step is only ~``1/t`` of the iterate, whereas the change over the
+        last half stays near ``1/2`` (near ``1/6`` for the tail average).
         """
-        self.last_info_ = {"scale": scale, "final_step": final_step.cpu(), "half_change": half_change.cpu()}
+        self.last_info_ = {
+            "scale": scale, "final_step": final_step.cpu(), "half_change": half_change.cpu(), "averaged": averaged,
+        }
         worst = float(torch.maximum(final_step, half_change).max()) if final_step.numel() else 0.0
         if worst > self.tol:
             rows = int((torch.maximum(final_step, half_change) > self.tol).sum())
             warnings.warn(
                 f"LiSSA has not converged: in {rows} of {final_step.numel()} rows the solution "
                 f"still moves by more than tol={self.tol:g} of its norm (worst: "
-                f"{float(half_change.max()):.3g} over the last half of the {self._steps()} "
-                f"steps, {float(final_step.max()):.3g} in the final step). {advice}. Per-row "
+                f"{float(half_change.max()):.3g} "
+                + (f"between the tail average at the middle and at the end of its window (the last "
+                   f"{self._steps() - self._steps() // 2} of the {self._steps()} steps), "
+                   if averaged else f"over the last half of the {self._steps()} steps, ")
+                + f"{float(final_step.max()):.3g} in the final step). {advice}. Per-row "
                 "details: last_info_.",
                 ConvergenceWarning,
                 stacklevel=4,
@@ -297,7 +341,7 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
             out[:, sl] = x
             step_sq += (x - previous).pow(2).sum(1)
             half_sq += (x - midway).pow(2).sum(1)
-        self._set_info(1.0, _relative(step_sq.sqrt(), out), _relative(half_sq.sqrt(), out),
+        self._set_info(1.0, _relative(step_sq.sqrt(), out), _relative(half_sq.sqrt(), out), False,
                        "variant='paper' runs the study's fixed 3 iterations and is not a "
                        "convergent solver; use variant='standard' for a converged solve")
         return out.to(G.device)
@@ -306,6 +350,29 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
 def _relative(norms: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """``norms / ‖X‖`` per row, 0 for zero rows."""
     return norms / X.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+class _Tracker:
+    """The reported iterate ``y_t`` of one recursion, with ``y_{T−1}`` and ``y_mid`` kept.
+
+    Without averaging ``y_t = x_t`` and ``mid = ⌊T/2⌋``. With tail averaging (window start
+    ``h = ⌊T/2⌋``) ``y_t = x_t`` for ``t <= h`` and ``y_t = mean(x_{h+1}, ..., x_t)`` after, a
+    running mean; ``mid = h + ⌊(T − h)/2⌋``, the middle of the window.
+    """
+
+    def __init__(self, depth: int, averaged: bool, x0: torch.Tensor):
+        self.depth = depth
+        self.start = depth // 2 if averaged else depth
+        self.mid = self.start + (depth - self.start) // 2 if averaged else depth // 2
+        self.value = self.previous = self.midway = x0
+
+    def update(self, t: int, x: torch.Tensor) -> None:
+        """Takes ``x_t`` (``t = 1, ..., depth``; never modified in place afterwards)."""
+        if t == self.depth:
+            self.previous = self.value
+        self.value = x if t <= self.start else self.value + (x - self.value) / (t - self.start)
+        if t == self.mid:
+            self.midway = self.value
 
 
 class _Diverged(Exception):
