@@ -58,7 +58,9 @@ class CurvatureOperator:
 
     Args:
         curvature_type: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (see :mod:`._products`).
-        model, task, layout: the model, how batches are read, the attributed parameters.
+        model: the model.
+        task: how batches are read (a :class:`~influence.tasks.Task`).
+        layout: the attributed parameters (a :class:`~influence.params.ParameterLayout`).
         loader: the training batches; iterated once per :meth:`matmat`, so it must be
             re-iterable (a DataLoader or a list, not a generator).
         num_samples: average over this many examples drawn without replacement (seeded by

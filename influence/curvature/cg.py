@@ -65,7 +65,8 @@ def block_cg(
     Args:
         matmat: ``V (m, P) ↦ A V`` row-wise, ``A`` symmetric positive definite.
         B: right-hand sides ``(n, P)``.
-        rtol, atol: stopping tolerances (relative to ``‖b‖``, absolute).
+        rtol: stopping tolerance relative to ``‖b‖``.
+        atol: absolute stopping tolerance.
         max_iter: iteration limit.
         precondition: ``R ↦ M⁻¹ R`` row-wise, ``M`` symmetric positive definite.
 
@@ -150,7 +151,8 @@ class CG(OperatorCurvature):
         damping: ``λ``.
         curvature_type: ``"ggn"`` (default; needs an :class:`~influence.tasks.OutputTask`),
             ``"hessian"`` or ``"fisher"`` (empirical Fisher).
-        rtol, atol: per-row stopping rule ``‖r‖ <= max(rtol·‖g‖, atol)``.
+        rtol: relative tolerance of the per-row stopping rule ``‖r‖ <= max(rtol·‖g‖, atol)``.
+        atol: absolute tolerance of that rule.
         max_iter: iteration limit (operator passes).
         preconditioner: ``None``; ``"diagonal"`` (Jacobi with the empirical-Fisher diagonal
             ``mean_j ∇ℓ(z_j)²`` plus ``λ``, an inexpensive stand-in for ``diag(C)``); or a
