@@ -57,7 +57,23 @@ _lock = threading.Lock()
 
 
 class StorageError(InfluenceError, ValueError):
-    """A file could not be written or read as an influence file."""
+    """A file could not be written or read as an influence file.
+
+    The base of :class:`~influence.io.CorruptedFileError` and
+    :class:`~influence.io.FormatVersionError`.
+
+    Examples:
+        A safetensors file that influence did not write:
+
+        >>> import os, tempfile, torch, influence
+        >>> from safetensors.torch import save_file
+        >>> path = os.path.join(tempfile.mkdtemp(), "weights.safetensors")
+        >>> save_file({"x": torch.zeros(1)}, path)
+        >>> influence.InfluenceEstimator.load(path, torch.nn.Linear(3, 2))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        influence._atomic.StorageError: ... is a safetensors file without influence metadata: it was not written by influence.
+    """
 
 
 def _kind(mode: int) -> str:

@@ -56,7 +56,20 @@ class ParamsMixin:
 
 
 def clone(obj: Any) -> Any:
-    """Returns an unfitted copy with the same constructor parameters (deep-copied)."""
+    """Returns an unfitted copy with the same constructor parameters (deep-copied).
+
+    As ``sklearn.base.clone``: nested estimators (a curvature inside an estimator) are cloned
+    too, fitted state (attributes ending in ``_``) is not copied.
+
+    Examples:
+        >>> import torch, influence
+        >>> model = torch.nn.Linear(3, 2)
+        >>> data = [(torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0]))]
+        >>> est = influence.InfluenceEstimator(influence.KFAC(damping=0.1)).fit(model, data)
+        >>> fresh = influence.clone(est)
+        >>> fresh.curvature.damping, fresh.curvature is est.curvature, hasattr(fresh, "curvature_")
+        (0.1, False, False)
+    """
     if isinstance(obj, ParamsMixin):
         params = {
             k: clone(v) if isinstance(v, ParamsMixin) else copy.deepcopy(v)

@@ -51,15 +51,58 @@ _META_KEY = "influence"
 
 
 class CorruptedFileError(StorageError):
-    """A file is truncated, or its contents do not match their checksums."""
+    """A file is truncated, or its contents do not match their checksums.
+
+    Examples:
+        >>> import os, tempfile, torch, influence
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0]))]
+        >>> path = os.path.join(tempfile.mkdtemp(), "estimator.safetensors")
+        >>> influence.InfluenceEstimator(influence.Exact(damping=0.1)).fit(model, data).save(path)
+        >>> with open(path, "r+b") as f:  # flip the file's last byte (a tensor's)
+        ...     _ = f.seek(-1, os.SEEK_END)
+        ...     last = f.read(1)
+        ...     _ = f.seek(-1, os.SEEK_END)
+        ...     _ = f.write(bytes([last[0] ^ 0xFF]))
+        >>> influence.InfluenceEstimator.load(path, model)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        influence.io.CorruptedFileError: ...
+    """
 
 
 class FormatVersionError(StorageError):
-    """A file was written by a newer version of the format."""
+    """A file was written by a newer version of the format.
+
+    Examples:
+        A file that claims format version 99:
+
+        >>> import json, os, tempfile, torch, influence
+        >>> from safetensors.torch import save_file
+        >>> path = os.path.join(tempfile.mkdtemp(), "future.safetensors")
+        >>> meta = {"format_version": 99, "library_version": "9.0.0"}
+        >>> save_file({"x": torch.zeros(1)}, path, metadata={"influence": json.dumps(meta)})
+        >>> influence.InfluenceEstimator.load(path, torch.nn.Linear(3, 2))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        influence.io.FormatVersionError: ... uses influence file format version 99 (written by influence 9.0.0), newer than this version's ... Upgrade influence-estimation to read it.
+    """
 
 
 class ModelMismatchError(InfluenceError, ValueError):
-    """A saved estimator was loaded against a model other than the one it was fitted on."""
+    """A saved estimator was loaded against a model other than the one it was fitted on.
+
+    Examples:
+        >>> import os, tempfile, torch, influence
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0]))]
+        >>> path = os.path.join(tempfile.mkdtemp(), "estimator.safetensors")
+        >>> influence.InfluenceEstimator(influence.Identity()).fit(model, data).save(path)
+        >>> influence.InfluenceEstimator.load(path, torch.nn.Linear(3, 4).double())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        influence.io.ModelMismatchError: The estimator saved in ... was fitted on another model: different shapes (weight: saved [2, 3], model [4, 3]; ...
+    """
 
 
 # --------------------------------------------------------------------------------- raw files

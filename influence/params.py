@@ -139,6 +139,20 @@ def module_name(param_name: str) -> str:
 def select_parameters(model: nn.Module, params: ParamSpec = "trainable") -> ParameterLayout:
     """Builds the :class:`ParameterLayout` of the parameters to attribute.
 
+    Args:
+        model: the model.
+        params: ``"trainable"`` (parameters with ``requires_grad``), ``"all"``, a glob pattern
+            or a list of them matched against parameter and module names (``"*lora_*"``,
+            ``"fc2"``), or a :class:`ParameterLayout` (validated and returned).
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> select_parameters(model).num_params
+        26
+        >>> select_parameters(model, "2").names, select_parameters(model, "*.bias").num_params
+        (('2.weight', '2.bias'), 6)
+
     Raises:
         ValueError: when nothing is selected, or a pattern matches no parameter (the message
             lists the available names).

@@ -67,6 +67,21 @@ class ScoringConfig(ParamsMixin):
             bfloat16, scores accumulated in float32 or higher).
         max_memory: bytes the resident queries may take; queries are split into the fewest
             groups that fit (one pass over the training set per group), with a warning.
+
+    Examples:
+        A LoGra-style factored projection to ``k = 2`` per side changes the scores (they
+        approximate the exact ones); the default keeps them exact:
+
+        >>> import torch, influence
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+        >>> data = [(torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,)))]
+        >>> exact = influence.InfluenceEstimator(influence.Identity()).fit(model, data).pairwise_scores(data)
+        >>> config = influence.ScoringConfig(projection="factored", projection_dim=2)
+        >>> est = influence.InfluenceEstimator(influence.Identity(), scoring=config).fit(model, data)
+        >>> projected = est.pairwise_scores(data)
+        >>> projected.shape, torch.allclose(projected, exact)
+        (torch.Size([10, 10]), False)
     """
 
     def __init__(self, strategy="auto", query_rank=None, projection=None, projection_dim=64, seed=0, precision="default", max_memory=None):

@@ -68,7 +68,29 @@ def _describe(batch: Any) -> str:
 
 
 class Task(ABC):
-    """Turns a batch into per-example losses and measurements. Subclass for custom batches."""
+    """Turns a batch into per-example losses and measurements. Subclass for custom batches.
+
+    ``loss`` returns one loss per example (no batch mean); ``measurement`` (default: the loss)
+    is what a query's score attributes. A plain ``Task`` serves the Identity, Hessian and
+    empirical-Fisher curvatures; the Gauss-Newton and true-Fisher ones need an
+    :class:`OutputTask`.
+
+    Examples:
+        A task for loaders that yield dicts with ``"features"`` and ``"label"``:
+
+        >>> import torch, influence
+        >>> class DictClassification(influence.Task):
+        ...     def loss(self, model, batch):
+        ...         logits = model(batch["features"])
+        ...         return torch.nn.functional.cross_entropy(logits, batch["label"], reduction="none")
+        >>> model = torch.nn.Linear(3, 2)
+        >>> batch = {"features": torch.randn(5, 3), "label": torch.tensor([0, 1, 1, 0, 1])}
+        >>> DictClassification().loss(model, batch).shape
+        torch.Size([5])
+        >>> est = influence.InfluenceEstimator(influence.Identity(), DictClassification()).fit(model, [batch])
+        >>> est.pairwise_scores([batch]).shape
+        torch.Size([5, 5])
+    """
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -105,6 +127,27 @@ class OutputTask(Task):
 
     The split lets curvatures form Gauss-Newton products ``Jᵀ H_out J`` and the true Fisher
     (targets drawn from the model's predictive distribution by :meth:`sample_targets`).
+
+    Examples:
+        Binary classification with one logit per example (``BCEWithLogits``):
+
+        >>> import torch, influence
+        >>> class Binary(influence.OutputTask):
+        ...     def forward(self, model, batch):
+        ...         return model(batch[0]).squeeze(-1)
+        ...     def targets(self, batch):
+        ...         return batch[1].to(torch.float64)
+        ...     def output_loss(self, outputs, targets, batch):
+        ...         return torch.nn.functional.binary_cross_entropy_with_logits(outputs, targets, reduction="none")
+        ...     def sample_targets(self, outputs, batch, draws):
+        ...         u = draws.uniform(outputs.shape[1:]).to(outputs)
+        ...         return (u < torch.sigmoid(outputs.detach())).to(outputs.dtype)
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> data = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
+        >>> cur = influence.Exact(damping=1e-2, curvature_type="ggn").fit(model, Binary(), data)
+        >>> cur.matrix_.shape
+        torch.Size([4, 4])
     """
 
     @abstractmethod
@@ -317,6 +360,14 @@ class RegressionTask(_SupervisedTask):
 
     The ``½`` makes the output-space Hessian the identity, so the Gauss-Newton matrix is
     ``JᵀJ``. ``y`` may be ``(B,)`` for a single output.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1).double()
+        >>> x, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+        >>> loss = RegressionTask().loss(model, (x, y))
+        >>> torch.allclose(loss, 0.5 * (model(x).squeeze(-1) - y) ** 2)
+        True
     """
 
     def output_loss(self, outputs, targets, batch):
@@ -351,6 +402,19 @@ class LanguageModelingTask(OutputTask):
     ``t`` predict the label at ``t + 1``. The model is called as
     ``model(input_ids=..., attention_mask=...)`` and may return logits or an object with
     ``.logits`` (HuggingFace).
+
+    Examples:
+        >>> import torch
+        >>> from influence.lm import TinyLM, TinyLMConfig
+        >>> torch.manual_seed(0) and None
+        >>> model = TinyLM(TinyLMConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, d_ff=16, max_len=6)).eval()
+        >>> batch = {"input_ids": torch.tensor([[1, 5, 7, 2, 0], [1, 4, 2, 0, 0]]),
+        ...          "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])}
+        >>> loss = LanguageModelingTask().loss(model, batch)  # sums over 3 and 2 target tokens
+        >>> logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        >>> ce = torch.nn.functional.cross_entropy(logits[0, :3], batch["input_ids"][0, 1:4], reduction="sum")
+        >>> loss.shape, torch.allclose(loss[0], ce)
+        (torch.Size([2]), True)
     """
 
     def __init__(self, pass_attention_mask: bool = True):

@@ -17,6 +17,14 @@ BASELINES: tuple[type[Baseline], ...] = (
     TracIn,
     TRAK,
 )
+"""Every baseline class (RepSim, gradient similarity, TracIn, TRAK), for benchmarks and the
+conformance tests.
+
+Examples:
+    >>> import influence
+    >>> [cls.__name__ for cls in influence.BASELINES]
+    ['RepresentationSimilarity', 'GradientSimilarity', 'TracIn', 'TRAK']
+"""
 
 __all__ = [
     "BASELINES",

@@ -39,6 +39,20 @@ class Baseline(ParamsMixin, ABC):
     """Base class of the baselines; the estimator interface of :class:`InfluenceEstimator`.
 
     Fitted attributes: ``model_``, ``task_``, ``train_loader_``, ``num_train_``.
+
+    Examples:
+        Every baseline in :data:`BASELINES` is used like the estimator:
+
+        >>> import torch, influence
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> data = [(torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0]))]
+        >>> baseline = influence.GradientSimilarity().fit(model, data)
+        >>> isinstance(baseline, influence.Baseline), baseline.pairwise_scores(data).shape
+        (True, torch.Size([6, 6]))
+        >>> values, indices = baseline.top_k(data, k=2)
+        >>> indices.shape
+        torch.Size([6, 2])
     """
 
     task: Task | None

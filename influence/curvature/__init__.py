@@ -15,9 +15,21 @@ from .diagonal import Diagonal
 from .kfac import EKFAC, KFAC
 from .lissa import LiSSA
 
-CURVATURES: tuple[type[Curvature], ...] = (Identity, Exact)
-CURVATURES += (Diagonal, KFAC, EKFAC)
-CURVATURES += (CG, LiSSA, Arnoldi, DataInf)
+CURVATURES: tuple[type[Curvature], ...] = (
+    Identity, Exact,
+    Diagonal, KFAC, EKFAC,
+    CG, LiSSA, Arnoldi, DataInf,
+)
+"""Every curvature class, in the order of the docs; the generic conformance tests
+(``tests/test_curvature_conformance.py``) run on each entry.
+
+Examples:
+    >>> import influence
+    >>> [cls.__name__ for cls in influence.CURVATURES]
+    ['Identity', 'Exact', 'Diagonal', 'KFAC', 'EKFAC', 'CG', 'LiSSA', 'Arnoldi', 'DataInf']
+    >>> all(issubclass(cls, influence.Curvature) for cls in influence.CURVATURES)
+    True
+"""
 
 __all__ = [
     "CURVATURES",

@@ -127,8 +127,27 @@ def check_instance(obj: Any, kind: type, argument: str) -> None:
 class Curvature(ParamsMixin, ABC):
     """Base class of curvature approximations.
 
+    ``fit(model, task, loader, params)`` does everything that depends only on the model and the
+    training data; ``solve(G)`` applies ``(C + λI)⁻¹`` to the rows of ``G`` (``(n, P)``) and
+    ``matmat(V)`` applies ``C + λI``. A new curvature subclasses this, implements the private
+    hooks ``_fit``, ``_solve`` and ``_matmat``, and is added to :data:`CURVATURES`.
+
     Args:
         damping: ``λ`` added to the curvature's diagonal at solve time.
+
+    Examples:
+        Every curvature, used directly (the estimator does this for you):
+
+        >>> import torch, influence
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,)))]
+        >>> cur = influence.KFAC(damping=0.1).fit(model, influence.ClassificationTask(), data)
+        >>> isinstance(cur, influence.Curvature), cur.num_params_
+        (True, 8)
+        >>> V = torch.randn(4, 8, dtype=torch.float64)
+        >>> torch.allclose(cur.solve(cur.matmat(V)), V)
+        True
     """
 
     #: Relative tolerance of ``solve(matmat(V)) ≈ V`` that the generic conformance tests

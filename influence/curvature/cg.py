@@ -27,6 +27,14 @@ class CGInfo:
             0 for ``b = 0``).
         converged: ``(n,)`` whether each row reached ``‖r‖ <= max(rtol·‖b‖, atol)``.
         num_matmats: operator calls made (each on the still-active rows only).
+
+    Examples:
+        >>> import torch
+        >>> A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        >>> B = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+        >>> X, info = block_cg(lambda V: V @ A, B, rtol=1e-10)
+        >>> info.iterations.tolist(), info.converged.tolist()  # 3 and 1 distinct eigenvalues
+        ([3, 1], [True, True])
     """
 
     iterations: torch.Tensor

@@ -1,5 +1,17 @@
 """Evaluation of attribution methods: counterfactual benchmarks, detection and class
-metrics, iHVP error, and the :func:`diagnose` trust report."""
+metrics, iHVP error, and the :func:`diagnose` trust report.
+
+Examples:
+    Scores of 2 queries against 4 training examples, the training examples' classes and the
+    queries' classes; which training examples were planted (e.g. mislabeled):
+
+    >>> from influence import evaluation
+    >>> scores = [[0.9, 0.1, 0.8, 0.3], [0.2, 0.7, 0.1, 0.6]]
+    >>> evaluation.top1_accuracy(scores, ["a", "b", "a", "b"], ["a", "b"])
+    1.0
+    >>> evaluation.roc_auc([0.9, 0.1, 0.8, 0.3], [True, False, False, False])
+    1.0
+"""
 
 from .class_metrics import cover, top1_accuracy
 from .detection import precision_at_k, recall_at_k, roc_auc

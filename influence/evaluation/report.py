@@ -28,6 +28,18 @@ class DiagnosticReport:
         damping: per damping value: ``spearman`` and ``topk_overlap`` against the fitted one.
         flags: warnings, each naming the threshold it crossed.
         thresholds: the thresholds used.
+
+    Examples:
+        >>> import json, torch, influence
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,)))]
+        >>> est = influence.InfluenceEstimator(influence.Exact(damping=0.1)).fit(model, data)
+        >>> report = influence.diagnose(est, data, k=3)
+        >>> report.n_train, report.num_params, isinstance(report.flags, list)
+        (12, 8, True)
+        >>> json.loads(report.to_json())["n_test"]
+        12
     """
 
     n_train: int
