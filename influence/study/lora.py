@@ -137,7 +137,13 @@ def fresh_from_adapter(model: nn.Module, path: str, seed: int = 0) -> nn.Module:
                          "study attributes LoRA adapters.")
     config.inference_mode = False
     torch.manual_seed(seed)
-    return peft.get_peft_model(model, config)
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as error:
+        raise ValueError(
+            f"The adapter at {path!r} does not fit {type(model).__name__}: {error} Pass the base "
+            "model it was trained on as --model."
+        ) from error
 
 
 def load_adapter_weights(peft_model: nn.Module, path: str) -> nn.Module:
