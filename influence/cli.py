@@ -57,6 +57,11 @@ def _demo_parser(sub) -> None:
                    help="seed of the data, the pretraining and the fine-tuning (default 0)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny run: smaller data, fewer epochs, short pretraining")
+    progress_options(p)
+
+
+def progress_options(p: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress`` (default: bars only when stderr is a terminal)."""
     bars = p.add_mutually_exclusive_group()
     bars.add_argument("--progress", dest="progress", action="store_true", default=None,
                       help="show progress bars (default: only when stderr is a terminal)")

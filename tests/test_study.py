@@ -230,6 +230,7 @@ def test_cli_on_jsonl_and_llama_writes_every_output(cli_run):
                                                  for i in (0, 1) for p in ("q_proj", "v_proj")]
     assert results["model"]["num_lora_params"] == 2 * (4 * (16 + 16) + 4 * (16 + 8))  # q: 16->16, v: 16->8
     assert len(results["finetune"]["epochs"]) == 1 and not results["finetune"]["skipped"]
+    assert set(results["timings"]) == {"load", "control_before_finetuning", "finetune", "attribution"}
     # the responses are the class names: gradient match follows the answer token, and the
     # swapped-response control exposes it
     swapped = results["controls"]["swapped_response"]["identity"]
@@ -280,13 +281,16 @@ def test_adapter_is_attributed_without_fine_tuning(cli_run, tiny, tmp_path, monk
         run_study(StudyConfig(data=str(tiny["jsonl"]), model=str(tiny["gpt2"]), adapter=str(adapter)))
 
 
-def test_full_loss_changes_the_scores(tiny):
+def test_full_loss_changes_the_scores(tiny, cli_run):
     def identity(loss):
         config = StudyConfig(data=str(tiny["jsonl"]), model=str(tiny["llama"]), epochs=1, loss=loss,
                              methods=("identity",), controls=False)
         return run_study(config, log=lambda s: None)
 
     response, full = identity("response"), identity("full")
+    # the controls (skipped here) leave the fine-tuned model and its scores as they were
+    np.testing.assert_allclose(response.scores["identity"], np.load(cli_run / "scores" / "identity.npy"),
+                               rtol=1e-5)
     assert response.scores["identity"].shape == full.scores["identity"].shape == (6, 18)
     assert not np.allclose(response.scores["identity"], full.scores["identity"], rtol=0.1)
     # the full loss counts every token: prompt and padding too

@@ -41,6 +41,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def study_parser(sub) -> None:
     """Adds the ``study`` subcommand to the ``influence`` parser."""
+    from ..cli import progress_options
     from ..demo.methods import METHODS
     from .batches import LOSSES
     from .config import DEFAULT_METHODS, HF_LR, TINYLM_LR, StudyConfig
@@ -100,11 +101,7 @@ def study_parser(sub) -> None:
                    help=f"pretraining steps of the built-in TinyLM (default {d.pretrain.steps})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="influence-study", help="output folder (default ./influence-study)")
-    bars = p.add_mutually_exclusive_group()
-    bars.add_argument("--progress", dest="progress", action="store_true", default=None,
-                      help="show progress bars (default: only when stderr is a terminal)")
-    bars.add_argument("--no-progress", dest="progress", action="store_false",
-                      help="never show progress bars")
+    progress_options(p)
 
 
 def study_config(args: argparse.Namespace):

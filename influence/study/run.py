@@ -117,6 +117,7 @@ def run_study(config: StudyConfig, progress: bool = False,
         base, tokenizer, model_info = tinylm_base(train, config.pretrain, config.device, config.dtype,
                                                   progress, (*queries, *swapped), config.max_length)
     model_info["num_params"] = sum(p.numel() for p in base.parameters())
+    timings = {"load": time.perf_counter() - start}
 
     def batches(records):
         loss = make_batches(tokenizer, records, config.batch_size, config.loss, config.max_length,
@@ -136,6 +137,7 @@ def run_study(config: StudyConfig, progress: bool = False,
                                          if "lora_" in n})
     controls: dict[str, dict] = {}
     control_scores: dict[str, dict[str, np.ndarray]] = {}
+    clock = time.perf_counter()
     if config.controls:
         before = model if config.model else add_lora(
             random_tinylm(model_info, config.seed, config.device, config.dtype), config.lora, config.seed)
@@ -145,6 +147,8 @@ def run_study(config: StudyConfig, progress: bool = False,
         controls.update(res)
         control_scores["before_finetuning"] = _numpy(sc["before_finetuning"])
         del attribution, before
+    timings["control_before_finetuning"] = time.perf_counter() - clock
+    clock = time.perf_counter()
 
     task = LanguageModelingTask()
     history = []
@@ -154,6 +158,7 @@ def run_study(config: StudyConfig, progress: bool = False,
         adapters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(adapters, lr=config.learning_rate, weight_decay=0.0)
         rng = random.Random(config.seed)
+        torch.manual_seed(config.seed)  # the same dropout draws with and without the controls
         for epoch in tqdm(range(1, config.epochs + 1), desc="fine-tune", disable=not progress,
                           leave=False):
             train_loss = finetune_epoch(model, train_set[0], optimizer, task, rng)
@@ -161,6 +166,8 @@ def run_study(config: StudyConfig, progress: bool = False,
                             "query_loss": mean_token_loss(model, query_set[0], task)})
             log(f"epoch {epoch}: train loss {train_loss:.4f}, query loss {history[-1]['query_loss']:.4f}")
     model.eval()
+    timings["finetune"] = time.perf_counter() - clock
+    clock = time.perf_counter()
 
     query_sets = {"finetuned": query_set}
     if config.controls:
@@ -173,6 +180,7 @@ def run_study(config: StudyConfig, progress: bool = False,
         controls["swapped_response"] = res["swapped_response"]
         control_scores["swapped_response"] = _numpy(sc["swapped_response"])
     model_info["num_lora_params"] = attribution.num_params
+    timings["attribution"] = time.perf_counter() - clock
 
     results = {
         "config": config.to_dict(),
@@ -188,6 +196,7 @@ def run_study(config: StudyConfig, progress: bool = False,
                      "epochs": history},
         "methods": res["finetuned"],
         "controls": controls,
+        "timings": timings,
         "seconds": None,
     }
     result = StudyResult(results, _numpy(sc["finetuned"]), control_scores, train, queries, swapped,
