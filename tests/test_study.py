@@ -173,6 +173,26 @@ def test_bad_options_get_clear_errors(tiny, tmp_path):
         main(["study", "--data", data, "--loss", "prompt"])
 
 
+def test_help_is_plain_text_and_explains_every_option(capsys):
+    import argparse
+
+    from influence.study.cli import study_parser
+
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "::" not in text  # no raw reST
+    assert "examples:" in text and "influence study --data my_data" in text
+    sub = argparse.ArgumentParser().add_subparsers()
+    study_parser(sub)
+    actions = [a for a in sub.choices["study"]._actions if a.option_strings]
+    options = {o for a in actions for o in a.option_strings}
+    assert {"--data", "--model", "--adapter", "--fields", "--loss", "--methods", "--queries", "--epochs",
+            "--lr", "--batch-size", "--lora-targets", "--lora-layers", "--device", "--dtype", "--out",
+            "--progress", "--no-progress"} <= options
+    assert all(a.help and a.help.strip() for a in actions), [a.option_strings for a in actions if not a.help]
+
+
 # ----------------------------------------------------------------------------- pieces
 def test_losses_label_the_response_or_everything(tiny):
     from transformers import AutoTokenizer
