@@ -72,7 +72,8 @@ def check_outputs(out, n_test, n_train, methods=METHODS.split(","), controls=Tru
         assert entry["auc"] == pytest.approx(evaluation.roc_auc(S, same))
         if controls:
             for control in ("before_finetuning", "swapped_response"):
-                assert np.load(out / "scores" / control / f"{m}.npy").shape == (n_test, n_train)
+                C = np.load(out / "scores" / control / f"{m}.npy")
+                assert C.shape == (n_test, n_train) and np.isfinite(C).all()
                 assert results["controls"][control][m]["status"] == "ok"
     shares = [np.mean(np.array(train_labels) == y) for y in query_labels]
     assert results["chance"]["acc"] == pytest.approx(np.mean(shares)) and results["chance"]["auc"] == 0.5
