@@ -105,6 +105,10 @@ def test_the_three_formats_read_the_same_records(tmp_path):
 def test_labels_compare_as_text_and_class_label_names(tmp_path):
     import datasets
 
+    (tmp_path / "c").mkdir()  # a csv saved by a spreadsheet starts with a byte-order mark
+    (tmp_path / "c" / "train.csv").write_bytes("\ufeffprompt,response,label\nx,y,1\n".encode())
+    assert read_split(tmp_path / "c", "train")[0] == Record("x", "y", "1", 0)
+
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "train.jsonl").write_text('{"prompt": "x", "response": "y", "label": 1}\n')
     features = datasets.Features({"prompt": datasets.Value("string"), "response": datasets.Value("string"),

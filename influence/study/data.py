@@ -110,7 +110,7 @@ def _arrow_rows(path: Path) -> tuple[list[dict], dict[str, list[str]]]:
 
 def _jsonl_rows(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -128,7 +128,7 @@ def _jsonl_rows(path: Path) -> list[dict]:
 
 
 def _csv_rows(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: drops a BOM
         return list(csv.DictReader(f))
 
 
