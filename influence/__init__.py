@@ -17,7 +17,7 @@ from .baselines import (
     TracIn,
 )
 from .estimator import InfluenceEstimator
-from .evaluation import DiagnosticReport, diagnose
+from .evaluation import DiagnosticReport, ScoreDiagnostics, diagnose, diagnose_scores, load_scores
 from .exceptions import (
     BatchFormatError,
     ConvergenceWarning,
@@ -71,6 +71,9 @@ __all__ = [
     "evaluation",
     "diagnose",
     "DiagnosticReport",
+    "diagnose_scores",
+    "ScoreDiagnostics",
+    "load_scores",
     # tasks
     "Task",
     "OutputTask",

@@ -1,4 +1,5 @@
-"""The ``influence`` command (``influence demo``: the study in miniature; see :data:`DEMO_HELP`)."""
+"""The ``influence`` command: ``influence demo`` (the study in miniature; see :data:`DEMO_HELP`)
+and ``influence study`` (the study on your data and model; see :mod:`influence.study.cli`)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,11 @@ def _demo_parser(sub) -> None:
                    help="seed of the data, the pretraining and the fine-tuning (default 0)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny run: smaller data, fewer epochs, short pretraining")
+    progress_options(p)
+
+
+def progress_options(p: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress`` (default: bars only when stderr is a terminal)."""
     bars = p.add_mutually_exclusive_group()
     bars.add_argument("--progress", dest="progress", action="store_true", default=None,
                       help="show progress bars (default: only when stderr is a terminal)")
@@ -111,14 +117,20 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``influence`` console script."""
+    from .study.cli import run_study_command, study_parser
+
     parser = argparse.ArgumentParser(prog="influence", description="Training-data attribution "
-                                     "with influence functions. Run 'influence demo --help'.")
+                                     "with influence functions. Run 'influence demo --help' or "
+                                     "'influence study --help'.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     _demo_parser(sub)
+    study_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "study":
+        return run_study_command(args)
     return run_demo_command(args)
 
 

@@ -101,3 +101,15 @@ def test_bench_decompose_smoke(tmp_path):
         assert result["max_rel_diff"]["per_module"] < 1e-5 and result["max_rel_diff"]["per_token"] < 1e-5, label
     assert out["results"]["identity"]["max_rel_diff"]["aggregate"] < 1e-5
     assert (tmp_path / "bench_decompose_smoke.md").exists()
+
+
+@pytest.mark.slow
+def test_bench_study_cost_smoke(tmp_path):
+    pytest.importorskip("peft")
+    import bench_study_cost
+
+    out = bench_study_cost.run(smoke=True, out_dir=tmp_path)
+    (case,) = out["cases"].values()
+    assert case["timings"]["finetune"] > 0 and case["timings"]["attribution"] > 0
+    assert set(case["method_seconds"]) == {"identity", "datainf", "lissa_paper", "repsim"}
+    assert (tmp_path / "bench_study_cost_smoke.md").exists()

@@ -1,5 +1,6 @@
 """Evaluation of attribution methods: counterfactual benchmarks, detection and class
-metrics, iHVP error, and the :func:`diagnose` trust report.
+metrics, iHVP error, the :func:`diagnose` trust report and :func:`diagnose_scores` for a
+score matrix alone.
 
 Examples:
     Scores of 2 queries against 4 training examples, the training examples' classes and the
@@ -17,6 +18,8 @@ from .class_metrics import cover, top1_accuracy
 from .detection import precision_at_k, recall_at_k, roc_auc
 from .diagnose import THRESHOLDS, diagnose
 from .report import DiagnosticReport
+from .score_diagnostics import SCORE_THRESHOLDS, ScoreDiagnostics, diagnose_scores
+from .score_files import load_scores
 from .ihvp import IHVPError, ihvp_error
 from .lds import (
     CorrelationResult,
@@ -50,4 +53,9 @@ __all__ = [
     "diagnose",
     "DiagnosticReport",
     "THRESHOLDS",
+    # a score matrix alone: diagnostics and loading
+    "diagnose_scores",
+    "ScoreDiagnostics",
+    "SCORE_THRESHOLDS",
+    "load_scores",
 ]

@@ -23,6 +23,16 @@ def as_array(x: Any, name: str, ndim: tuple[int, ...] = (1, 2), dtype=np.float64
     return a
 
 
+def first_non_finite(S: np.ndarray) -> tuple[int, int, int] | None:
+    """``(count, row, column)`` of the NaN/inf entries of a 2-D array, the first in row-major
+    order; ``None`` when every entry is finite."""
+    bad = ~np.isfinite(S)
+    if not bad.any():
+        return None
+    i, j = np.argwhere(bad)[0]
+    return int(bad.sum()), int(i), int(j)
+
+
 def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson correlation of each row of ``a`` with the same row of ``b``; NaN for constant rows."""
     a = a - a.mean(axis=1, keepdims=True)

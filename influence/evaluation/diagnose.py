@@ -11,7 +11,9 @@ the user's own model, in one pass over the training data for the estimator's own
 3. **Rank agreement** with baselines (and the exact reference): mean per-query Spearman
    correlation and top-k overlap of the score rows.
 4. **Dominance**: training examples taking the top-1 spot for a large share of queries (the
-   study's cached scores had one example top-1 for 234 of 260 queries).
+   study's cached scores had one example top-1 for 234 of 260 queries), and the concentration
+   of the top-1 slots; both from :func:`~influence.evaluation.diagnose_scores` on the
+   estimator's score matrix.
 5. **Damping sensitivity**: rank agreement of scores at ``damping × factor`` with the fitted
    damping (damping is applied at solve time, so this needs no refit).
 
@@ -21,7 +23,8 @@ Flags are raised when (defaults in :data:`THRESHOLDS`, override with ``threshold
   term the task's loss lacks, e.g. weight decay, whose gradient is ``−λθ`` at the optimum);
 - ``ihvp_relative_error > 0.3``: the curvature's iHVPs are more than 30 % off the reference;
 - ``dominance_share >= 0.2`` (and at least ``dominance_min_count = 3`` queries): one training
-  example is top-1 for at least a fifth of the queries;
+  example is top-1 for at least a fifth of the queries (one flag per such example); a tied
+  highest score in some queries is flagged too (their top-1 is the lowest tied index);
 - ``damping_spearman < 0.5``: rankings change substantially when the damping moves by 10×.
 """
 
@@ -41,12 +44,13 @@ from ..tasks import OutputTask
 from ._stats import rowwise_spearman, topk_overlap
 from .ihvp import ihvp_error
 from .report import DiagnosticReport
+from .score_diagnostics import SCORE_THRESHOLDS, diagnose_scores
 
+_DOMINANCE = ("dominance_share", "dominance_min_count")  # passed on to diagnose_scores
 THRESHOLDS: dict[str, float] = {
     "gradient_norm_ratio": 0.05,
     "ihvp_relative_error": 0.3,
-    "dominance_share": 0.2,
-    "dominance_min_count": 3,
+    **{key: SCORE_THRESHOLDS[key] for key in _DOMINANCE},
     "damping_spearman": 0.5,
 }
 
@@ -247,22 +251,13 @@ def diagnose(
         rho, overlap = _agreement(base, other, k)
         agreement.append({"method": name, "spearman": rho, "topk_overlap": overlap})
 
-    top1 = base.argmax(1)
-    counts = np.bincount(top1, minlength=n)
-    order = np.argsort(-counts, kind="stable")
-    dominance = {
-        "index": int(order[0]),
-        "count": int(counts[order[0]]),
-        "share": float(counts[order[0]] / len(top1)),
-        "top": [[int(i), int(counts[i])] for i in order[:5] if counts[i] > 0],
-        "distinct_top1": int((counts > 0).sum()),
-    }
+    by_scores = diagnose_scores(base, thresholds={key: limits[key] for key in _DOMINANCE})
     damping_rows = []
     for d in dampings:
         rho, overlap = _agreement(base, scores[d], k)
         damping_rows.append({"damping": d, "spearman": rho, "topk_overlap": overlap})
 
-    flags = _flags(ratio, ihvp, dominance, damping_rows, limits, len(top1))
+    flags = _flags(ratio, ihvp, by_scores.flags, damping_rows, limits)
     return DiagnosticReport(
         n_train=n,
         n_test=int(Q.shape[0]),
@@ -274,10 +269,11 @@ def diagnose(
         gradient_norm_ratio=ratio,
         ihvp=ihvp,
         agreement=agreement,
-        dominance=dominance,
+        dominance=by_scores.dominance,
         damping=damping_rows,
         flags=flags,
         thresholds=limits,
+        concentration=by_scores.concentration,
     )
 
 
@@ -297,7 +293,9 @@ def _methods(compare, estimator, GradientSimilarity) -> dict[str, Any]:
     return {_label(m): m for m in compare}
 
 
-def _flags(ratio, ihvp, dominance, damping_rows, limits, n_test) -> list[str]:
+def _flags(ratio, ihvp, score_flags, damping_rows, limits) -> list[str]:
+    """Convergence, iHVP error, then :func:`diagnose_scores`' flags (dominance, ties), then
+    damping sensitivity."""
     flags = []
     if ratio > limits["gradient_norm_ratio"]:
         flags.append(
@@ -312,13 +310,7 @@ def _flags(ratio, ihvp, dominance, damping_rows, limits, n_test) -> list[str]:
             f"against {ihvp['reference']} ({ihvp['scope']}). Use a more accurate curvature or "
             "more iterations."
         )
-    if dominance["share"] >= limits["dominance_share"] and dominance["count"] >= limits["dominance_min_count"]:
-        flags.append(
-            f"dominant example: training example #{dominance['index']} is top-1 for "
-            f"{dominance['count']} of {n_test} queries ({dominance['share']:.0%} >= "
-            f"{limits['dominance_share']:.0%}). Rankings may reflect its gradient norm rather than "
-            "relevance; compare with gradient cosine or RepresentationSimilarity."
-        )
+    flags += score_flags
     for row in damping_rows:
         if np.isfinite(row["spearman"]) and row["spearman"] < limits["damping_spearman"]:
             flags.append(

@@ -23,11 +23,13 @@ class DiagnosticReport:
             ``skipped`` with the reason).
         agreement: per compared method: ``spearman`` (mean per query) and ``topk_overlap``.
         dominance: the most frequent top-1 training ``index``, its ``count`` and ``share`` of
-            queries, ``top`` (the five most frequent ``[index, count]``) and
-            ``distinct_top1``.
+            queries, ``top`` (the five most frequent ``[index, count]``),
+            ``distinct_top1`` and ``tied_top1`` (see :class:`ScoreDiagnostics`).
         damping: per damping value: ``spearman`` and ``topk_overlap`` against the fitted one.
         flags: warnings, each naming the threshold it crossed.
         thresholds: the thresholds used.
+        concentration: of the top-1 slots: ``distinct_top1``, ``chance_distinct_top1``,
+            ``effective_top1``, ``top5_share`` (see :class:`ScoreDiagnostics`).
 
     Examples:
         >>> import json, torch, influence
@@ -56,6 +58,7 @@ class DiagnosticReport:
     damping: list[dict]
     flags: list[str] = field(default_factory=list)
     thresholds: dict = field(default_factory=dict)
+    concentration: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict."""
@@ -99,7 +102,15 @@ class DiagnosticReport:
             "top-1 dominance",
             f"  most frequent top-1 example      #{d['index']}: {d['count']}/{self.n_test} "
             f"queries ({d['share']:.0%})",
-            f"  distinct top-1 examples          {d['distinct_top1']}",
+            f"  distinct top-1 examples          {d['distinct_top1']}"
+            + (f" (random rankings: {self.concentration['chance_distinct_top1']:.1f})" if self.concentration else ""),
+        ]
+        if self.concentration:
+            lines += [
+                f"  effective number exp(H)          {self.concentration['effective_top1']:.1f}",
+                f"  share of the 5 most frequent     {self.concentration['top5_share']:.0%}",
+            ]
+        lines += [
             "",
             f"damping sensitivity (Spearman, top-{self.k} overlap vs fitted damping)",
         ]
