@@ -160,7 +160,9 @@ def diagnose_scores(
 
     Args:
         scores: ``(n_test, n_train)``, larger = more helpful (tensor or array-like).
-        train_labels, test_labels: class labels (ints or strings; both or neither).
+        train_labels: class labels of the training examples (ints or strings; give both
+            label arguments or neither).
+        test_labels: class labels of the queries.
         train_lengths: ``(n_train,)`` lengths of the training examples (e.g. tokens).
         train_grad_norms: ``(n_train,)`` their gradient norms.
         cover_k: the ``k`` of ``Cover``; default ``n_train // n_classes``.
