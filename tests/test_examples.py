@@ -39,6 +39,7 @@ def test_mislabel_cnn_example_finds_flipped_labels(capsys):
     assert out["influence"]["auc"] > 0.9 and out["influence"]["precision"] >= 0.5
 
 
+@pytest.mark.slow  # ~25 s on a busy 2-core machine (GPT-2 pretraining + fine-tuning + 3 methods)
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations
 def test_lora_lm_example_attributes_the_adapters(capsys):
     pytest.importorskip("peft")
