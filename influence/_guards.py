@@ -46,7 +46,10 @@ def check_deterministic(model: nn.Module, task: Task, batch: Any, stage: str) ->
     tol = 100 * torch.finfo(first.dtype).eps
     diff = (first - second).abs()
     scale = torch.maximum(first.abs(), second.abs()).clamp_min(1e-30)
-    if bool(torch.isfinite(diff).all()) and bool((diff <= tol * scale).all()):
+    # A loss that is NaN or inf in both calls is not randomness: it is left to the finite
+    # checks downstream (NonFiniteGradientError), which name the examples.
+    same_non_finite = (first.isnan() & second.isnan()) | (torch.isinf(first) & (first == second))
+    if bool((same_non_finite | (diff <= tol * scale)).all()):
         return
     relative = float((diff / scale).nan_to_num(float("inf")).max())
     modules = stochastic_modules(model)

@@ -11,6 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import influence
 
 from influence import ClassificationTask, Identity, InfluenceEstimator
 from influence.exceptions import StochasticModelError
@@ -108,3 +111,16 @@ def test_deterministic_model_in_train_mode_passes_and_the_check_can_be_disabled(
     with pytest.warns(UserWarning, match=r"Dropout is active .*rnn \(LSTM, p=0.5\)"):
         est = InfluenceEstimator(Identity(), ClassificationTask(), self_check=False).fit(model, train)
     est.pairwise_scores(test)  # random, as the user asked
+
+
+def test_a_nan_input_is_reported_as_non_finite_not_as_randomness():
+    """A loss that is NaN in both identical calls is deterministic: the finite check names the
+    example (NonFiniteGradientError), the stochasticity check must not claim dropout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).eval()
+    X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    X[2, 0] = float("nan")
+    loader = DataLoader(TensorDataset(X, y), batch_size=4)
+    est = influence.InfluenceEstimator(influence.Identity(), influence.ClassificationTask())
+    with pytest.raises(influence.NonFiniteGradientError, match=r"indices \[2\]"):
+        est.fit(model, loader).self_scores()
