@@ -175,7 +175,8 @@ def _read_header(path: str) -> dict:
         (n,) = struct.unpack("<Q", prefix)
         if 8 + n > size:
             raise CorruptedFileError(
-                f"{path} is truncated: its header announces {n} bytes but the file has {size}. "
+                f"{path} is truncated: its header announces {n} bytes after the 8-byte length prefix, "
+                f"{8 + n} in all, but the file has {size}. "
                 "The write was interrupted or the copy is incomplete; save it again."
             )
         raw = f.read(n)
