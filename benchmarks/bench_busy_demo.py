@@ -155,9 +155,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     return table
 
 
-def write(payload: dict, name: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+def write(payload: dict, name: str, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2))
     table = payload["summary"]
     cols = list(table[0]) if table else []
     lines = [f"# {name}", "", f"{payload['environment']}", "", f"Command: `{payload['command']}`", ""]
@@ -165,10 +165,10 @@ def write(payload: dict, name: str) -> None:
     for row in table:
         lines.append("| " + " | ".join("" if row[c] is None else (f"{row[c]:.1f}" if isinstance(row[c], float)
                                                                     else str(row[c])) for c in cols) + " |")
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--what", nargs="+", choices=("pretrain", "demo"), default=["pretrain", "demo"])
     parser.add_argument("--settings", nargs="+", default=["2", "1"],
@@ -181,6 +181,7 @@ def main(argv=None) -> None:
     parser.add_argument("--append", action="store_true",
                         help="add the rows to those of the existing results file (e.g. a pretrain run then a demo run)")
     parser.add_argument("--quick", action="store_true", help="smoke run: pretraining only, 20 steps, 1 thread, idle")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the results go (default benchmarks/results)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
@@ -197,12 +198,13 @@ def main(argv=None) -> None:
     name = "bench_busy_demo_smoke" if args.quick else "bench_busy_demo"
     command = " ".join(["bench_busy_demo.py", *(argv or sys.argv[1:])])
     rows = run(args)
-    if args.append and (RESULTS / f"{name}.json").exists():
-        before = json.loads((RESULTS / f"{name}.json").read_text())
+    if args.append and (args.out_dir / f"{name}.json").exists():
+        before = json.loads((args.out_dir / f"{name}.json").read_text())
         rows = before["rows"] + rows
         command = before["command"] + "` then `" + command
     payload = {"environment": environment, "command": command, "rows": rows, "summary": summarize(rows)}
-    write(payload, name)
+    write(payload, name, args.out_dir)
+    return payload
 
 
 if __name__ == "__main__":
