@@ -149,7 +149,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         table.append({
             "what": what, "load": load, "threads": threads, "OMP_WAIT_POLICY": policy,
             "runs": len(group), "median s": statistics.median(times) if times else None,
-            "all s": ", ".join("-" if r["seconds"] is None else f"{r['seconds']:.1f}" for r in group),
+            "all s": ", ".join(r["status"] if r["seconds"] is None else f"{r['seconds']:.1f}" for r in group),
             "load avg before": ", ".join(f"{r['load_before']:.2f}" for r in group),
         })
     return table
