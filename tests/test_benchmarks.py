@@ -101,13 +101,3 @@ def test_bench_decompose_smoke(tmp_path):
         assert result["max_rel_diff"]["per_module"] < 1e-5 and result["max_rel_diff"]["per_token"] < 1e-5, label
     assert out["results"]["identity"]["max_rel_diff"]["aggregate"] < 1e-5
     assert (tmp_path / "bench_decompose_smoke.md").exists()
-
-
-@pytest.mark.slow
-def test_bench_busy_demo_smoke(tmp_path):
-    import bench_busy_demo
-
-    out = bench_busy_demo.main(["--quick", "--out-dir", str(tmp_path)])
-    (row,) = out["rows"]
-    assert row["status"] == "ok" and row["seconds"] > 0 and row["threads"] == 1
-    assert "| pretrain | idle | 1 | default | 1 |" in (tmp_path / "bench_busy_demo_smoke.md").read_text()
