@@ -8,6 +8,10 @@ tqdm bar when progress is enabled. Progress is decided per run:
 - ``progress=None`` (default): show them only when stderr is a terminal, so logs of batch
   jobs and CI stay clean.
 
+Iterative solvers (CG, LiSSA, Lanczos, power iteration) open a :func:`solver_progress` bar per
+solve, with iterations as the unit and the current residual as the bar's postfix; it is
+``None`` when progress is off, so the solver computes nothing extra for it.
+
 The estimator sets the options of a run with :func:`run_options`; a curvature fitted on its
 own uses the defaults. Messages go to ``logging.getLogger("influence")`` (configure it with the
 standard :mod:`logging` tools, e.g. ``logging.basicConfig(level=logging.INFO)``), and
@@ -98,6 +102,59 @@ def track(iterable: Iterable[Any], desc: str, total: Any = None, unit: str = "ba
             source = None
     total = source
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr)
+
+
+class SolverBar:
+    """A tqdm bar over a solver's iterations that shows its current convergence measures.
+
+    Made by :func:`solver_progress`, which closes it. Measures are shown as ``name=value``
+    with three significant digits.
+    """
+
+    def __init__(self, desc: str, total: int | None, unit: str):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
+
+    @property
+    def n(self) -> int:
+        """Iterations counted so far."""
+        return int(self._bar.n)
+
+    def update(self, n: int = 1, **measures: float) -> None:
+        """Counts ``n`` more iterations and, if given, replaces the shown measures (the bar is
+        redrawn at tqdm's usual rate, not at every call)."""
+        if measures:
+            self._bar.set_postfix(_formatted(measures), refresh=False)
+        self._bar.update(n)
+
+    def finish(self, **measures: float) -> None:
+        """Shows the solver's final measures (always drawn, whatever the redraw rate)."""
+        self._bar.set_postfix(_formatted(measures), refresh=True)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _formatted(measures: dict[str, float]) -> dict[str, str]:
+    return {name: f"{float(value):.3g}" for name, value in measures.items()}
+
+
+@contextlib.contextmanager
+def solver_progress(desc: str, total: int | None, unit: str = "it") -> Iterator[SolverBar | None]:
+    """A :class:`SolverBar` while the block runs when progress is enabled, else ``None``.
+
+    Solvers compute the measures they show only when the bar is not ``None``, so a solve
+    without progress costs nothing extra.
+    """
+    if not progress_enabled():
+        yield None
+        return
+    bar = SolverBar(desc, total, unit)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 @contextlib.contextmanager

@@ -4,9 +4,10 @@ and ``influence study`` (the study on your data and model; see :mod:`influence.s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 DEMO_HELP = """\
 Reproduces, in miniature and on a CPU, the experiments of Li, Zhao, Li & Sun, "Do Influence
@@ -22,6 +23,38 @@ examples:
   influence demo              everything at the default size (a few minutes on 2 cores)
   influence demo --task harmful --methods identity exact repsim --epochs 5 --out report
 """
+
+
+#: The demo's intra-op threads: measured in benchmarks/results/bench_busy_demo.md (docs/demo.md,
+#: "On a busy machine"), one thread costs little on an idle machine and avoids the many-fold
+#: slowdown of multithreaded small operations when other processes take the cores.
+DEMO_THREADS = 1
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid thread count {text!r}: expected an integer >= 1, or 0 for torch's default")
+    return value
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Runs the block with ``torch.set_num_threads(threads)`` (``0``: leaves torch's setting)
+    and restores the previous count afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _demo_parser(sub) -> None:
@@ -48,9 +81,10 @@ def _demo_parser(sub) -> None:
                    "or $INFLUENCE_CACHE)")
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="pretraining steps of the base model (default 600; --quick: 150)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is often fastest on a "
-                   "busy shared machine)")
+    p.add_argument("--threads", type=_threads, default=DEMO_THREADS,
+                   help=f"torch intra-op CPU threads (default {DEMO_THREADS}: at the demo's sizes more "
+                   "threads save little on an idle machine and cost many times over when other "
+                   "processes keep the cores busy; 0: torch's default, one per core)")
     p.add_argument("--lora", choices=("builtin", "peft"), default="builtin",
                    help="LoRA implementation: the built-in wrapper (default) or peft (optional)")
     p.add_argument("--seed", type=int, default=0,
@@ -101,12 +135,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from .demo.report import summary, write_report
 
     config = demo_config(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    results = run_demo(config, cache_dir=args.cache, progress=progress, log=tqdm.write)
+    with torch_threads(args.threads):
+        results = run_demo(config, cache_dir=args.cache, progress=progress, log=tqdm.write)
     print()
     print(summary(results))
     out = write_report(results, args.out)

@@ -34,6 +34,7 @@ from .. import distributed
 from .._loader import iterate_batches
 from ..exceptions import InfluenceError
 from .._params_base import check_is_fitted
+from .._progress import solver_progress, track
 from ..gradients.functional import per_sample_grads, take_examples
 from ..params import ParameterLayout
 from ..tasks import Task
@@ -237,7 +238,7 @@ class CurvatureOperator:
         P = self.layout.num_params
         out = torch.zeros(P, P, dtype=torch.float64, device=self.device)
         offset = 0
-        for index, batch in self._positions():
+        for index, batch in track(self._positions(), "dense curvature", self.loader):
             entry = self._entries.get(index)
             if entry is None and self.curvature_type == "fisher":
                 entry = GradientRows(per_sample_grads(self.model, self.task, batch, self.layout))
@@ -254,13 +255,18 @@ class CurvatureOperator:
         v = torch.randn(1, self.layout.num_params, generator=g, dtype=torch.float64)
         v = (v / v.norm()).to(self.device)
         value = 0.0
-        for _ in range(num_iters):
-            w = self.matmat(v)
-            value = float((w * v).sum())
-            norm = w.norm()
-            if not torch.isfinite(norm) or norm == 0:
-                break
-            v = w / norm
+        with solver_progress("power iteration", num_iters) as bar:
+            for _ in range(num_iters):
+                w = self.matmat(v)
+                value = float((w * v).sum())
+                if bar is not None:
+                    bar.update(eigenvalue=value)
+                norm = w.norm()
+                if not torch.isfinite(norm) or norm == 0:
+                    break
+                v = w / norm
+            if bar is not None:
+                bar.finish(eigenvalue=value)
         return value
 
     def mean_squared_gradients(self) -> torch.Tensor:

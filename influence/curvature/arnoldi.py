@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._params_base import check_is_fitted
+from .._progress import solver_progress
 from ..exceptions import CurvatureError
 from ._operator import OperatorCurvature
 
@@ -23,6 +24,12 @@ def lanczos(matmat, P: int, num_iters: int, seed: int = 0, device=None):
         num_iters: Krylov dimension ``k <= P``.
         seed: seed of the random start vector (and of restarts on breakdown).
 
+    With progress on (:mod:`influence._progress`), a bar counts the iterations and shows the
+    relative residual of the Lanczos relation, ``β_j / ‖T‖`` with ``β_j = ‖A q_j − α_j q_j −
+    β_{j−1} q_{j−1}‖`` (re-orthogonalised) and ``‖T‖`` estimated by the largest ``|α|``, ``β``
+    so far: it bounds the relative residuals ``‖A y − θ y‖`` of the Ritz pairs and reaches ~0
+    once the Krylov space is invariant.
+
     Returns:
         ``(eigenvalues (k,), eigenvectors (P, k))``: the Ritz pairs, eigenvalues descending by
         magnitude. With ``k = P`` they are ``A``'s exact eigenpairs up to rounding.
@@ -34,24 +41,29 @@ def lanczos(matmat, P: int, num_iters: int, seed: int = 0, device=None):
     q = torch.randn(P, generator=g, dtype=torch.float64).to(device)
     q = q / q.norm()
     scale = 0.0
-    for j in range(num_iters):
-        Q[j] = q
-        w = matmat(q[None])[0].to(torch.float64)
-        alpha[j] = w @ q
-        for _ in range(2):  # twice is enough (Kahan–Parlett)
-            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        norm = float(w.norm())
-        scale = max(scale, abs(float(alpha[j])), norm)
-        if j + 1 == num_iters:
-            break
-        if norm <= 1e-10 * max(scale, 1e-300):  # invariant subspace: restart orthogonally
-            w = torch.randn(P, generator=g, dtype=torch.float64).to(device)
-            for _ in range(2):
+    with solver_progress("Lanczos", num_iters) as bar:
+        for j in range(num_iters):
+            Q[j] = q
+            w = matmat(q[None])[0].to(torch.float64)
+            alpha[j] = w @ q
+            for _ in range(2):  # twice is enough (Kahan–Parlett)
                 w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-            norm, beta[j] = float(w.norm()), 0.0
-        else:
-            beta[j] = norm
-        q = w / norm
+            norm = float(w.norm())
+            scale = max(scale, abs(float(alpha[j])), norm)
+            if bar is not None:
+                bar.update(residual=norm / max(scale, 1e-300))
+            if j + 1 == num_iters:
+                if bar is not None:
+                    bar.finish(residual=norm / max(scale, 1e-300))
+                break
+            if norm <= 1e-10 * max(scale, 1e-300):  # invariant subspace: restart orthogonally
+                w = torch.randn(P, generator=g, dtype=torch.float64).to(device)
+                for _ in range(2):
+                    w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+                norm, beta[j] = float(w.norm()), 0.0
+            else:
+                beta[j] = norm
+            q = w / norm
     T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
     values, vectors = torch.linalg.eigh(T)
     order = values.abs().argsort(descending=True)

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from .._params_base import clone
+from .._progress import solver_progress
 from ..exceptions import ConvergenceWarning, CurvatureError
 from ._base import Curvature, check_instance
 from ._operator import OperatorCurvature, replicated_rows
@@ -70,6 +71,11 @@ def block_cg(
     batched CG; O'Leary's block CG, which shares Krylov spaces across rows, needs rank
     deflation when rows converge and is not used.)
 
+    When progress bars are on (:mod:`influence._progress`: ``progress=True`` or stderr a
+    terminal), a bar counts the iterations and shows the largest relative residual
+    ``max_i ‖r_i‖ / ‖b_i‖`` over the rows and how many rows are still active; its final value
+    is ``info.residuals.max()``.
+
     Args:
         matmat: ``V (m, P) ↦ A V`` row-wise, ``A`` symmetric positive definite.
         B: right-hand sides ``(n, P)``.
@@ -103,33 +109,47 @@ def block_cg(
     active = R.norm(dim=1) > tol
     iterations = torch.zeros(n, dtype=torch.long, device=B.device)
     calls = 0
-    for step in range(max_iter):
-        if not bool(active.any()):
-            break
-        idx = torch.nonzero(active).flatten()
-        d = D[idx]
-        Ad = matmat(d)
-        calls += 1
-        curvature = (d * Ad).sum(1)
-        if bool((curvature <= 0).any()):
-            j = int(torch.nonzero(curvature <= 0)[0, 0])
-            raise CurvatureError(
-                f"Negative curvature: pᵀAp = {float(curvature[j]):.3g} <= 0 at CG iteration "
-                f"{step} (row {int(idx[j])}): the operator is not positive definite."
-            )
-        alpha = rz[idx] / curvature
-        X[idx] += alpha[:, None] * d
-        R[idx] -= alpha[:, None] * Ad
-        r = R[idx]
-        z = precondition(r) if precondition is not None else r
-        rz_new = (r * z).sum(1)
-        D[idx] = z + (rz_new / rz[idx])[:, None] * d
-        rz[idx] = rz_new
-        iterations[idx] += 1
-        active[idx] = r.norm(dim=1) > tol[idx]
-    residuals = R.norm(dim=1) / b_norm.clamp_min(torch.finfo(B.dtype).tiny)
-    residuals = torch.where(b_norm > 0, residuals, torch.zeros_like(residuals))
+    with solver_progress(f"CG ({n} rows)", max_iter) as bar:
+        r_norms = R.norm(dim=1) if bar is not None else None
+        for step in range(max_iter):
+            if not bool(active.any()):
+                break
+            idx = torch.nonzero(active).flatten()
+            d = D[idx]
+            Ad = matmat(d)
+            calls += 1
+            curvature = (d * Ad).sum(1)
+            if bool((curvature <= 0).any()):
+                j = int(torch.nonzero(curvature <= 0)[0, 0])
+                raise CurvatureError(
+                    f"Negative curvature: pᵀAp = {float(curvature[j]):.3g} <= 0 at CG iteration "
+                    f"{step} (row {int(idx[j])}): the operator is not positive definite."
+                )
+            alpha = rz[idx] / curvature
+            X[idx] += alpha[:, None] * d
+            R[idx] -= alpha[:, None] * Ad
+            r = R[idx]
+            z = precondition(r) if precondition is not None else r
+            rz_new = (r * z).sum(1)
+            D[idx] = z + (rz_new / rz[idx])[:, None] * d
+            rz[idx] = rz_new
+            iterations[idx] += 1
+            r_norm = r.norm(dim=1)
+            active[idx] = r_norm > tol[idx]
+            if bar is not None:
+                r_norms[idx] = r_norm
+                bar.update(residual=float(_relative_residuals(r_norms, b_norm).max()),
+                           active=int(active.sum()))
+        residuals = _relative_residuals(R.norm(dim=1), b_norm)
+        if bar is not None:
+            bar.finish(residual=float(residuals.max()) if n else 0.0, active=int(active.sum()))
     return X, CGInfo(iterations, residuals, ~active, calls)
+
+
+def _relative_residuals(r_norms: torch.Tensor, b_norm: torch.Tensor) -> torch.Tensor:
+    """``‖r‖ / ‖b‖`` per row, 0 for ``b = 0``."""
+    relative = r_norms / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
+    return torch.where(b_norm > 0, relative, torch.zeros_like(relative))
 
 
 class CG(OperatorCurvature):

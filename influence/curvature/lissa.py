@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from .._progress import solver_progress
 from ..exceptions import ConvergenceWarning, CurvatureError
 from ._layerwise import DATAINF, LayerDampingMixin, block_slices, datainf_damping, training_gradients
 from ._operator import OperatorCurvature
@@ -277,7 +278,10 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
         change (``y`` the reported iterate: ``x`` itself, or its tail average, see
         :class:`_Tracker`) and whether ``y`` is the tail average.
 
-        Raises ``_Diverged`` when a step is non-finite or longer than ``1e3·‖g‖``.
+        Raises ``_Diverged`` when a step is non-finite or longer than ``1e3·‖g‖``. With progress
+        on, a bar counts the steps of all repeats and shows the largest relative step of the
+        reported iterate, ``max_i ‖y_t − y_{t−1}‖ / ‖y_t‖`` (every ``depth // 100`` steps), and at
+        the end the solve's ``final_step`` and ``half_change`` (their maxima over the rows).
         """
         operator = self.operator_
         batches = operator.batch_list()
@@ -288,24 +292,34 @@ class LiSSA(LayerDampingMixin, OperatorCurvature):
         averaged = self.averaging == "tail" or (self.averaging == "auto" and len(batches) > 1)
         b_norm = B.norm(dim=1)
         total, previous, midway = torch.zeros_like(B), torch.zeros_like(B), torch.zeros_like(B)
-        for repeat in range(self.num_repeats):
-            generator = torch.Generator().manual_seed(self.seed + repeat)
-            x = B.clone()
-            tracker = _Tracker(self.depth, averaged, x)
-            for t in range(1, self.depth + 1):
-                i = int(torch.randint(len(batches), (1,), generator=generator))
-                step = B - (weights[i] * operator.batch_matmat(batches[i], x, offsets[i], index=i) + damping * x) / s
-                size = step.norm(dim=1)
-                if not bool(torch.isfinite(size).all()) or bool((size > _DIVERGENCE * b_norm).any()):
-                    raise _Diverged(t - 1, repeat, float(x.norm(dim=1).max()))
-                x = x + step
-                tracker.update(t, x)
-            total += tracker.value / s
-            previous += tracker.previous / s
-            midway += tracker.midway / s
-        x, R = total / self.num_repeats, self.num_repeats
-        final_step = _relative((total - previous).norm(dim=1) / R, x)
-        return x, final_step, _relative((total - midway).norm(dim=1) / R, x), averaged
+        every = max(1, self.depth // 100)  # steps between updates of the shown step size
+        with solver_progress(f"LiSSA ({B.shape[0]} rows)", self.depth * self.num_repeats, "step") as bar:
+            for repeat in range(self.num_repeats):
+                generator = torch.Generator().manual_seed(self.seed + repeat)
+                x = B.clone()
+                tracker = _Tracker(self.depth, averaged, x)
+                for t in range(1, self.depth + 1):
+                    i = int(torch.randint(len(batches), (1,), generator=generator))
+                    step = B - (weights[i] * operator.batch_matmat(batches[i], x, offsets[i], index=i) + damping * x) / s
+                    size = step.norm(dim=1)
+                    if not bool(torch.isfinite(size).all()) or bool((size > _DIVERGENCE * b_norm).any()):
+                        raise _Diverged(t - 1, repeat, float(x.norm(dim=1).max()))
+                    x = x + step
+                    before = tracker.value
+                    tracker.update(t, x)
+                    if bar is not None and (t % every == 0 or t == self.depth):
+                        bar.update(step=_relative((tracker.value - before).norm(dim=1), tracker.value).max())
+                    elif bar is not None:
+                        bar.update()
+                total += tracker.value / s
+                previous += tracker.previous / s
+                midway += tracker.midway / s
+            x, R = total / self.num_repeats, self.num_repeats
+            final_step = _relative((total - previous).norm(dim=1) / R, x)
+            half_change = _relative((total - midway).norm(dim=1) / R, x)
+            if bar is not None and len(x):
+                bar.finish(step=final_step.max(), half_change=half_change.max())
+        return x, final_step, half_change, averaged
 
     def _set_info(self, scale, final_step, half_change, averaged: bool, advice: str) -> None:
         """Sets ``last_info_`` and warns (:class:`~influence.ConvergenceWarning`) above ``tol``.
