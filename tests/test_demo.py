@@ -41,6 +41,30 @@ def test_pretrain_is_cached(tmp_path):
     assert first["cache"] == second["cache"] and model.config.vocab_size == len(tok)
 
 
+def test_pretrain_cache_key_follows_the_tokenizer_and_the_corpus(tmp_path):
+    import dataclasses
+
+    from influence.demo.data import Example
+
+    config = PretrainConfig(**{**TINY_LM, "steps": 2})
+    _, tok, first = pretrain(config, tmp_path, progress=False)
+    _, small, other = pretrain(dataclasses.replace(config, vocab_size=50), tmp_path, progress=False)
+    assert len(small) == 50 < len(tok) and not other["cached"] and other["cache"] != first["cache"]
+    corpus = [Example("how are you ?", "fine, thanks!", "greeting"), "a plain sentence ."]
+    model, tok_c, c = pretrain(config, tmp_path, progress=False, corpus=corpus)
+    assert not c["cached"] and model.config.vocab_size == len(tok_c) == 5 + 12  # specials + 12 distinct words and marks
+    assert tok_c.tokens("fine, thanks!") == ["fine", ",", "thanks", "!"]
+    assert tok_c.encode("unseen words") == [tok_c.unk_id] * 2
+    again = pretrain(config, tmp_path, progress=False, corpus=corpus)[2]
+    assert again["cached"] and again["cache"] == c["cache"]
+    # the same words (the same tokenizer) in other texts: other weights, never the stale file
+    swapped = [Example("fine, thanks!", "how are you ?", "greeting"), "a plain sentence ."]
+    _, tok_s, s = pretrain(config, tmp_path, progress=False, corpus=swapped)
+    assert tok_s.digest() == tok_c.digest() and not s["cached"] and s["cache"] != c["cache"]
+    with pytest.raises(ValueError, match="corpus must be a non-empty sequence"):
+        pretrain(config, tmp_path, progress=False, corpus=[1, 2])
+
+
 def test_whole_pipeline_tiny(tmp_path):
     results = run_demo(tiny_config(), cache_dir=tmp_path, progress=False, log=lambda s: None)
     assert [t["task"] for t in results["tasks"]] == ["harmful", "backdoor_multi"]

@@ -93,8 +93,6 @@ def last_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(**inputs, output_hidden_states=True).hidden_states[-1]
 
 
-def repsim_scores(model, train_batches, test_batches) -> tuple[torch.Tensor, str]:
-    """RepSim as in the study: cosine of final hidden states at the last prompt token."""
-    repsim = influence.RepresentationSimilarity(layer=last_hidden, pooling="last_prompt", similarity="cosine")
-    scores = repsim.fit(model, train_batches).pairwise_scores(test_batches)
-    return torch.as_tensor(scores).double(), "influence.RepresentationSimilarity"
+def make_repsim() -> "influence.RepresentationSimilarity":
+    """RepSim as in the study (unfitted): cosine of final hidden states at the last prompt token."""
+    return influence.RepresentationSimilarity(layer=last_hidden, pooling="last_prompt", similarity="cosine")
