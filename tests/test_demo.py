@@ -141,3 +141,18 @@ def test_cli_help_is_plain_text_and_explains_every_option(capsys):
     actions = [a for a in sub.choices["demo"]._actions if a.option_strings]
     assert {"--quick", "--seed", "--progress", "--no-progress"} <= {o for a in actions for o in a.option_strings}
     assert all(a.help and a.help.strip() for a in actions), [a.option_strings for a in actions if not a.help]
+
+
+def test_cli_control_options_reach_the_config():
+    import argparse
+
+    from influence.cli import _demo_parser, demo_config
+
+    parser = argparse.ArgumentParser()
+    _demo_parser(parser.add_subparsers())
+    default = demo_config(parser.parse_args(["demo", "--quick"]))
+    assert default.controls and default.control_init == "random"
+    config = demo_config(parser.parse_args(["demo", "--no-controls", "--control-init", "base"]))
+    assert not config.controls and config.control_init == "base"
+    with pytest.raises(ValueError, match="Invalid control_init 'nope'. Supported"):
+        run_demo(tiny_config(control_init="nope"), progress=False)
