@@ -26,6 +26,7 @@ def test_every_generated_word_is_in_the_vocabulary(tasks, tok):
         for ex in data.train + data.test:
             ids, _ = encode_example(tok, ex)
             assert tok.unk_id not in ids, ex
+    assert not any(c in w for w in vocabulary() for c in "{}")  # no template placeholders
     full = make_task("backdoor_multi", scale=1.0)
     assert len(full.train) == 700
 
