@@ -250,7 +250,8 @@ def summary(results: dict) -> str:
     if swapped_table(results):
         parts += ["Swapped responses: Acc against the prompt's class / the response's class",
                   text_table(swapped_table(results)), ""]
-    parts += [f"- {line}" for line in control_conclusions(results)]
+    controls = control_conclusions(results)
+    parts += [f"- {line}" for line in controls] + ([""] if controls else [])
     if ihvp_table(results):
         parts += ["iHVP error against exact (relative error / cosine)", text_table(ihvp_table(results)), ""]
     for m, why in not_run(results).items():
