@@ -55,6 +55,10 @@ def _demo_parser(sub) -> None:
     p.add_argument("--no-controls", dest="controls", action="store_false",
                    help="skip the control rows (the same methods before fine-tuning and on queries "
                    "with another class's response)")
+    p.add_argument("--control-methods", nargs="+", choices=tuple(METHODS), default=None,
+                   metavar="METHOD",
+                   help="methods that get control rows (default: every method of the run but "
+                   "lissa, the slowest)")
     p.add_argument("--control-init", choices=("random", "base"), default=d.control_init,
                    help="the model of the before-fine-tuning control: a randomly initialised "
                    f"TinyLM (random) or the pretrained base model (base); LoRA at its "
@@ -84,7 +88,7 @@ def demo_config(args: argparse.Namespace):
     else:
         config.pretrain = dataclasses.replace(config.pretrain, seed=args.seed)
     updates = {"tasks": args.task, "methods": args.methods, "epochs": args.epochs,
-               "scale": args.scale, "n_queries": args.queries}
+               "scale": args.scale, "n_queries": args.queries, "control_methods": args.control_methods}
     config = dataclasses.replace(config, **{k: tuple(v) if isinstance(v, list) else v
                                             for k, v in updates.items() if v is not None})
     if args.pretrain_steps is not None:

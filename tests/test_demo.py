@@ -152,7 +152,10 @@ def test_cli_control_options_reach_the_config():
     _demo_parser(parser.add_subparsers())
     default = demo_config(parser.parse_args(["demo", "--quick"]))
     assert default.controls and default.control_init == "random"
-    config = demo_config(parser.parse_args(["demo", "--no-controls", "--control-init", "base"]))
+    assert "lissa" not in default.control_methods and "exact" in default.control_methods
+    config = demo_config(parser.parse_args(["demo", "--no-controls", "--control-init", "base",
+                                            "--control-methods", "lissa", "identity"]))
     assert not config.controls and config.control_init == "base"
+    assert config.control_methods == ("lissa", "identity")
     with pytest.raises(ValueError, match="Invalid control_init 'nope'. Supported"):
         run_demo(tiny_config(control_init="nope"), progress=False)
