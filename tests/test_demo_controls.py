@@ -97,7 +97,7 @@ def test_control_rows_come_from_the_same_methods_on_an_unchanged_model(run):
     fresh = untrained_model(base, lambda m: add_lora(m, CONFIG), "random", CONFIG.seed)
     expected = identity_scores(fresh, result.train_batches, result.test_batches)
     got = result.control_scores["before_finetuning"]["identity"]
-    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-12 * float(expected.abs().max()))
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     assert not torch.allclose(got, result.scores["identity"], rtol=1e-2)
     # swapped: the fine-tuned model's scores of the swapped queries
     from influence.demo.data import make_batches
@@ -105,7 +105,7 @@ def test_control_rows_come_from_the_same_methods_on_an_unchanged_model(run):
     swapped = make_batches(result.tokenizer, result.swapped, CONFIG.batch_size)
     expected = identity_scores(result.model, result.train_batches, swapped)
     got = result.control_scores["swapped_responses"]["identity"]
-    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-9 * float(expected.abs().max()))
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     train_y = [ex.label for ex in result.data.train]
     metrics = class_metrics(got, train_y, [ex.label for ex in result.data.test])
     assert controls["swapped_responses"]["methods"]["identity"]["acc"] == metrics["acc"]
@@ -134,8 +134,8 @@ def test_run_task_returns_scores_model_and_examples(run):
         m: (n_test, n_train) for m in ("identity", "exact", "repsim")}
     # the scores belong to the returned (fine-tuned) model
     expected = identity_scores(result.model, result.train_batches, result.test_batches)
-    assert torch.allclose(result.scores["identity"], expected, rtol=1e-5,
-                          atol=1e-9 * float(expected.abs().max()))
+    assert torch.allclose(result.scores["identity"], expected, rtol=1e-5,  # float32 gradients
+                          atol=1e-5 * float(expected.abs().max()))
     top = result.top_examples("exact", query=2, k=3)
     row = result.scores["exact"][2]
     assert [j for j, _, _ in top] == torch.argsort(row, descending=True)[:3].tolist()
