@@ -157,3 +157,17 @@ def test_metrics_accept_string_labels_and_agree_with_integer_codes():
     assert by_name == class_metrics(scores, train, test)
     assert chance([names[i] for i in train], [names[i] for i in test]) == chance(train, test) == pytest.approx(1 / 3)
     assert class_metrics(scores, torch.tensor(train), torch.tensor(test)) == by_name
+
+
+def test_beats_controls_by_hand():
+    from influence.demo.report import MARGIN, beats_controls
+
+    def task(acc, before, swapped):
+        ok = lambda a: {"m": {"status": "ok", "acc": a}}  # noqa: E731
+        return {"chance": 0.2, "methods": ok(acc), "controls": {
+            "before_finetuning": {"methods": ok(before)}, "swapped_responses": {"methods": ok(swapped)}}}
+
+    assert beats_controls(task(0.9, 0.9 - 2 * MARGIN, 0.5), "m") is True
+    assert beats_controls(task(0.9, 0.85, 0.5), "m") is False  # no better than an untrained model
+    assert beats_controls(task(0.9, 0.3, 0.1), "m") is False  # collapses when the answer changes
+    assert beats_controls(task(0.9, 0.3, 0.5), "other") is None

@@ -204,15 +204,27 @@ def _mean_control(results: dict, control: str, method: str, key: str) -> float |
     return sum(values) / len(values) if values else None
 
 
+def beats_controls(task: dict, method: str) -> bool | None:
+    """Whether ``method`` beats both controls on ``task``: Acc more than :data:`MARGIN` above
+    its before-fine-tuning Acc, and swapped-response Acc above chance (``None``: not run)."""
+    controls = task.get("controls", {})
+    entries = [task["methods"].get(method),
+               controls.get("before_finetuning", {}).get("methods", {}).get(method),
+               controls.get("swapped_responses", {}).get("methods", {}).get(method)]
+    if any(e is None or e.get("status") != "ok" for e in entries):
+        return None
+    main, before, swapped = entries
+    return main["acc"] > before["acc"] + MARGIN and swapped["acc"] > task["chance"]
+
+
 def control_conclusions(results: dict) -> list[str]:
-    """What the control rows say: per method, mean Acc fine-tuned / before / swapped, and which
-    methods beat both controls (Acc above the before-fine-tuning row by more than
-    :data:`MARGIN` and above chance on the swapped queries, averaged over tasks)."""
+    """What the control rows say: per method, mean Acc fine-tuned / before / swapped, and per
+    task the methods that beat both controls (:func:`beats_controls`)."""
     if not any("controls" in t for t in results["tasks"]):
         return []
     n = len(results["tasks"])
     chance = sum(t["chance"] for t in results["tasks"]) / max(n, 1)
-    parts, passing = [], []
+    parts = []
     for m in _methods_run(results):
         acc = _mean_metric(results, m, "acc")
         before = _mean_control(results, "before_finetuning", m, "acc")
@@ -222,22 +234,18 @@ def control_conclusions(results: dict) -> list[str]:
             continue
         parts.append(f"{m} {acc:.2f} / {before:.2f} / {swapped:.2f}"
                      + (f" (follows the response {follows:.2f})" if follows is not None else ""))
-        if acc > before + MARGIN and swapped > chance:
-            passing.append(m)
     if not parts:
         return []
     init = next(t["controls"]["init"] for t in results["tasks"] if "controls" in t)
     model = "a randomly initialised model" if init == "random" else "the base model"
-    out = [f"Controls, mean Acc fine-tuned / before fine-tuning ({model}, adapters at their "
-           f"initialisation) / swapped responses (chance {chance:.2f}): " + "; ".join(parts) + "."]
-    out.append(
-        ("Methods above both controls (fine-tuned Acc more than "
-         f"{MARGIN:g} over the before-fine-tuning row, swapped Acc above chance): "
-         + ", ".join(passing) + ".") if passing else
-        "No method beats both controls: every Acc above is within "
-        f"{MARGIN:g} of what the same method gets before fine-tuning, or collapses when only the "
-        "response changes. Class Acc here measures shared answer tokens, not what fine-tuning taught.")
-    return out
+    per_task = [f"{t['task']}: " + (", ".join(m for m in _methods_run(results) if beats_controls(t, m))
+                                    or "none") for t in results["tasks"] if "controls" in t]
+    return [f"Controls, mean Acc fine-tuned / before fine-tuning ({model}, adapters at their "
+            f"initialisation) / swapped responses (chance {chance:.2f}): " + "; ".join(parts) + ".",
+            f"Methods that beat both controls (Acc more than {MARGIN:g} above the "
+            "before-fine-tuning row and above chance on swapped responses), per task: "
+            + "; ".join(per_task) + ". Elsewhere a high Acc says which training examples share "
+            "the query's answer tokens, not what fine-tuning taught."]
 
 
 def summary(results: dict) -> str:
