@@ -171,3 +171,18 @@ def test_beats_controls_by_hand():
     assert beats_controls(task(0.9, 0.85, 0.5), "m") is False  # no better than an untrained model
     assert beats_controls(task(0.9, 0.3, 0.1), "m") is False  # collapses when the answer changes
     assert beats_controls(task(0.9, 0.3, 0.5), "other") is None
+
+
+def test_older_attribution_signature_and_repsim_scores_still_work(run):
+    """``influence.demo.pipeline.Attribution(model, data, train, test, config)`` and
+    ``methods.repsim_scores`` (used by callers written against the earlier API) give the
+    scores run_task reports."""
+    from influence.demo.methods import repsim_scores
+    from influence.demo.pipeline import Attribution
+
+    _, _, result = run
+    legacy = Attribution(result.model, None, result.train_batches, result.test_batches, CONFIG)
+    S, _ = legacy.scores("exact")
+    assert torch.allclose(S, result.scores["exact"], rtol=1e-6, atol=1e-6 * float(S.abs().max()))
+    R, name = repsim_scores(result.model, result.train_batches, result.test_batches)
+    assert name == "influence.RepresentationSimilarity" and torch.allclose(R, result.scores["repsim"])

@@ -96,3 +96,9 @@ def last_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 def make_repsim() -> "influence.RepresentationSimilarity":
     """RepSim as in the study (unfitted): cosine of final hidden states at the last prompt token."""
     return influence.RepresentationSimilarity(layer=last_hidden, pooling="last_prompt", similarity="cosine")
+
+
+def repsim_scores(model, train_batches, test_batches) -> tuple[torch.Tensor, str]:
+    """RepSim scores ``(n_test, n_train)`` (float64) of one model, and the implementation's name."""
+    scores = make_repsim().fit(model, train_batches).pairwise_scores(test_batches)
+    return torch.as_tensor(scores).double(), "influence.RepresentationSimilarity"

@@ -27,7 +27,8 @@ import torch
 from ..estimator import InfluenceEstimator
 from ..lm import apply_lora, apply_peft_lora
 from ..tasks import LanguageModelingTask
-from .attribution import Attribution, evaluate
+from . import attribution as _attribution
+from .attribution import evaluate
 from .controls import CONTROL_INITS, run_controls, swap_responses, untrained_model
 from .data import Example, make_batches
 from .families import FAMILIES, TaskData, make_task
@@ -120,6 +121,16 @@ def to_device(batches: list[dict], device: str) -> list[dict]:
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
+class Attribution(_attribution.Attribution):
+    """:class:`influence.demo.attribution.Attribution` with the older signature
+    ``Attribution(model, data, train_batches, test_batches, config)`` (``data`` unused; damping
+    ratio and curvature type from ``config``), kept for existing callers."""
+
+    def __init__(self, model, data, train_batches, test_batches, config: DemoConfig):
+        super().__init__(model, train_batches, test_batches, damping_ratio=config.damping_ratio,
+                         curvature_type=config.curvature_type)
+
+
 @dataclass
 class TaskResult:
     """What :func:`run_task` returns: the summary and everything behind it.
@@ -194,10 +205,10 @@ def run_task(
         row = {"epoch": epoch, "train_loss": train_loss,
                "query_loss": mean_token_loss(model, test_batches, task)}
         if epoch in config.checkpoints and epoch != config.epochs:
-            checkpoint = Attribution(model, train_batches, test_batches, **attribute)
+            checkpoint = _attribution.Attribution(model, train_batches, test_batches, **attribute)
             row["methods"] = evaluate(checkpoint, epoch_methods, train_y, test_y, log)[0]
         history.append(row)
-    attribution = Attribution(model, train_batches, test_batches, **attribute)
+    attribution = _attribution.Attribution(model, train_batches, test_batches, **attribute)
     finals, scores = {}, {}
     for m in tqdm(methods, desc=f"{name}: attribute", disable=not progress, leave=False):
         out, S = evaluate(attribution, [m], train_y, test_y, log)
@@ -225,8 +236,8 @@ def run_task(
     return result
 
 
-def _controls(result: TaskResult, attribution: Attribution, base_model, config: DemoConfig,
-              train_y, test_y, log) -> None:
+def _controls(result: TaskResult, attribution: _attribution.Attribution, base_model,
+              config: DemoConfig, train_y, test_y, log) -> None:
     """Adds both controls to ``result`` for the control methods that succeeded."""
     wanted = config.methods if config.control_methods is None else config.control_methods
     names = [m for m in check_methods(wanted) if m in config.methods
@@ -236,7 +247,7 @@ def _controls(result: TaskResult, attribution: Attribution, base_model, config: 
                                 config.device)
     before_model = untrained_model(base_model, lambda m: add_lora(m, config), config.control_init,
                                    config.seed)
-    before = Attribution(before_model, result.train_batches, result.test_batches,
+    before = _attribution.Attribution(before_model, result.train_batches, result.test_batches,
                          damping_ratio=config.damping_ratio, curvature_type=config.curvature_type)
     out, result.control_scores = run_controls(attribution, before, swapped_batches, result.swapped,
                                               names, train_y, test_y, log)
