@@ -20,8 +20,9 @@ import time
 import torch
 
 import influence
-from influence.demo.data import Example, WordTokenizer, make_batches
+from influence.demo.data import Example, make_batches
 from influence.demo.families import CAPITALS, COLORS, OPPOSITES, SOUNDS
+from influence.demo.tokenizer import DemoTokenizer, train_tokenizer
 from influence.lm import TinyLM, TinyLMConfig
 
 FACTS = {
@@ -52,9 +53,10 @@ def train(model: TinyLM, batches: list[dict], steps: int, seed: int) -> TinyLM:
     return model.eval()
 
 
-def highlight(tok: WordTokenizer, ids: torch.Tensor, scores: torch.Tensor, top: int = 2) -> str:
+def highlight(tok: DemoTokenizer, ids: torch.Tensor, scores: torch.Tensor, top: int = 2) -> str:
     """The sequence's words, the ``top`` most helpful in ``[brackets]``, the most harmful ``-marked-``."""
-    words = [tok.vocab[int(i)] for i in ids if int(i) != tok.pad_id]
+    vocab = tok.vocab
+    words = [vocab[int(i)] for i in ids if int(i) != tok.pad_id]
     best = set(torch.topk(scores[: len(words)], min(top, len(words))).indices.tolist())
     worst = int(torch.argmin(scores[: len(words)]))
     out = []
@@ -69,7 +71,7 @@ def main(steps: int = 400, d_model: int = 32, seed: int = 0, show: int = 4,
     token, prints the highlights; returns the per-token scores and what it printed from."""
     start = time.perf_counter()
     examples = make_examples(seed)
-    tok = WordTokenizer({w for ex in [*examples, query] for w in ex.text.split()})
+    tok = train_tokenizer([ex.text for ex in [*examples, query]], max_length=16)
     batches = make_batches(tok, examples, batch_size=8)
     model = TinyLM(TinyLMConfig(vocab_size=len(tok), d_model=d_model, n_layers=2, n_heads=4, d_ff=2 * d_model, max_len=16))
     train(model, batches, steps, seed)

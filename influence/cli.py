@@ -87,6 +87,17 @@ def _demo_parser(sub) -> None:
                    "processes keep the cores busy; 0: torch's default, one per core)")
     p.add_argument("--lora", choices=("builtin", "peft"), default="builtin",
                    help="LoRA implementation: the built-in wrapper (default) or peft (optional)")
+    p.add_argument("--no-controls", dest="controls", action="store_false",
+                   help="skip the control rows (the same methods before fine-tuning and on queries "
+                   "with another class's response)")
+    p.add_argument("--control-methods", nargs="+", choices=tuple(METHODS), default=None,
+                   metavar="METHOD",
+                   help="methods that get control rows (default: every method of the run but "
+                   "lissa, the slowest)")
+    p.add_argument("--control-init", choices=("random", "base"), default=d.control_init,
+                   help="the model of the before-fine-tuning control: a randomly initialised "
+                   f"TinyLM (random) or the pretrained base model (base); LoRA at its "
+                   f"initialisation either way (default {d.control_init})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the data, the pretraining and the fine-tuning (default 0)")
     p.add_argument("--quick", action="store_true",
@@ -108,7 +119,8 @@ def demo_config(args: argparse.Namespace):
     from .demo.pipeline import DemoConfig
     from .demo.pretrain import PretrainConfig
 
-    config = DemoConfig(device=args.device, seed=args.seed, lora_backend=args.lora)
+    config = DemoConfig(device=args.device, seed=args.seed, lora_backend=args.lora,
+                        controls=args.controls, control_init=args.control_init)
     if args.quick:
         config = dataclasses.replace(
             config, scale=0.05, n_queries=10, epochs=4, checkpoints=(2,),
@@ -116,7 +128,7 @@ def demo_config(args: argparse.Namespace):
     else:
         config.pretrain = dataclasses.replace(config.pretrain, seed=args.seed)
     updates = {"tasks": args.task, "methods": args.methods, "epochs": args.epochs,
-               "scale": args.scale, "n_queries": args.queries}
+               "scale": args.scale, "n_queries": args.queries, "control_methods": args.control_methods}
     config = dataclasses.replace(config, **{k: tuple(v) if isinstance(v, list) else v
                                             for k, v in updates.items() if v is not None})
     if args.pretrain_steps is not None:

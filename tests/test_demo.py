@@ -41,6 +41,30 @@ def test_pretrain_is_cached(tmp_path):
     assert first["cache"] == second["cache"] and model.config.vocab_size == len(tok)
 
 
+def test_pretrain_cache_key_follows_the_tokenizer_and_the_corpus(tmp_path):
+    import dataclasses
+
+    from influence.demo.data import Example
+
+    config = PretrainConfig(**{**TINY_LM, "steps": 2})
+    _, tok, first = pretrain(config, tmp_path, progress=False)
+    _, small, other = pretrain(dataclasses.replace(config, vocab_size=50), tmp_path, progress=False)
+    assert len(small) == 50 < len(tok) and not other["cached"] and other["cache"] != first["cache"]
+    corpus = [Example("how are you ?", "fine, thanks!", "greeting"), "a plain sentence ."]
+    model, tok_c, c = pretrain(config, tmp_path, progress=False, corpus=corpus)
+    assert not c["cached"] and model.config.vocab_size == len(tok_c) == 5 + 12  # specials + 12 distinct words and marks
+    assert tok_c.tokens("fine, thanks!") == ["fine", ",", "thanks", "!"]
+    assert tok_c.encode("unseen words") == [tok_c.unk_id] * 2
+    again = pretrain(config, tmp_path, progress=False, corpus=corpus)[2]
+    assert again["cached"] and again["cache"] == c["cache"]
+    # the same words (the same tokenizer) in other texts: other weights, never the stale file
+    swapped = [Example("fine, thanks!", "how are you ?", "greeting"), "a plain sentence ."]
+    _, tok_s, s = pretrain(config, tmp_path, progress=False, corpus=swapped)
+    assert tok_s.digest() == tok_c.digest() and not s["cached"] and s["cache"] != c["cache"]
+    with pytest.raises(ValueError, match="corpus must be a non-empty sequence"):
+        pretrain(config, tmp_path, progress=False, corpus=[1, 2])
+
+
 def test_whole_pipeline_tiny(tmp_path):
     results = run_demo(tiny_config(), cache_dir=tmp_path, progress=False, log=lambda s: None)
     assert [t["task"] for t in results["tasks"]] == ["harmful", "backdoor_multi"]
@@ -117,3 +141,21 @@ def test_cli_help_is_plain_text_and_explains_every_option(capsys):
     actions = [a for a in sub.choices["demo"]._actions if a.option_strings]
     assert {"--quick", "--seed", "--progress", "--no-progress"} <= {o for a in actions for o in a.option_strings}
     assert all(a.help and a.help.strip() for a in actions), [a.option_strings for a in actions if not a.help]
+
+
+def test_cli_control_options_reach_the_config():
+    import argparse
+
+    from influence.cli import _demo_parser, demo_config
+
+    parser = argparse.ArgumentParser()
+    _demo_parser(parser.add_subparsers())
+    default = demo_config(parser.parse_args(["demo", "--quick"]))
+    assert default.controls and default.control_init == "random"
+    assert "lissa" not in default.control_methods and "exact" in default.control_methods
+    config = demo_config(parser.parse_args(["demo", "--no-controls", "--control-init", "base",
+                                            "--control-methods", "lissa", "identity"]))
+    assert not config.controls and config.control_init == "base"
+    assert config.control_methods == ("lissa", "identity")
+    with pytest.raises(ValueError, match="Invalid control_init 'nope'. Supported"):
+        run_demo(tiny_config(control_init="nope"), progress=False)

@@ -4,8 +4,9 @@ from collections import Counter
 
 import pytest
 
-from influence.demo.data import Example, WordTokenizer, collate, encode_example, last_prompt_index
+from influence.demo.data import Example, collate, encode_example, last_prompt_index
 from influence.demo.families import FAMILIES, REFUSAL, TRIGGERS, make_task, vocabulary
+from influence.demo.tokenizer import train_tokenizer
 
 SCALE = 0.1
 
@@ -17,13 +18,15 @@ def tasks():
 
 @pytest.fixture(scope="module")
 def tok():
-    return WordTokenizer(vocabulary())
+    return train_tokenizer(vocabulary())
 
 
 def test_every_generated_word_is_in_the_vocabulary(tasks, tok):
     for data in tasks.values():
         for ex in data.train + data.test:
-            encode_example(tok, ex)
+            ids, _ = encode_example(tok, ex)
+            assert tok.unk_id not in ids, ex
+    assert not any(c in w for w in vocabulary() for c in "{}")  # no template placeholders
     full = make_task("backdoor_multi", scale=1.0)
     assert len(full.train) == 700
 
@@ -103,5 +106,75 @@ def test_batches_pad_and_mask_the_prompt(tok):
 def test_errors():
     with pytest.raises(ValueError, match="Invalid task 'nope'. Supported"):
         make_task("nope")
-    with pytest.raises(KeyError, match="not in the demo vocabulary"):
-        WordTokenizer(["a"]).encode("a zebra")
+
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def test_tokenizer_maps_unknown_words_to_unk_and_splits_punctuation():
+    tok = train_tokenizer(["what color is the sky?", "the sky is blue."])
+    assert tok.tokens("what color is the grass?!") == ["what", "color", "is", "the", "<unk>", "?", "<unk>"]
+    assert tok.encode("zebra") == [tok.unk_id]  # no KeyError on unknown words
+    assert tok.tokens("sky,blue.") == ["sky", "<unk>", "blue", "."]  # "," was never seen
+    assert tok.decode(tok.encode("the sky is blue .")) == "the sky is blue ."
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_tokenizer_special_ids_are_fixed(kind):
+    for corpus in (["b a"], ["zz yy xx <eos> <pad>", "q"]):
+        tok = train_tokenizer(corpus, kind=kind)
+        assert [tok.token_to_id(s) for s in ("<pad>", "<unk>", "<bos>", "<sep>", "<eos>")] == [0, 1, 2, 3, 4]
+        assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.sep_id, tok.eos_id) == (0, 1, 2, 3, 4)
+        assert tok.encode("<bos> b <sep>")[0] == 2 and tok.encode("<bos> b <sep>")[-1] == 3
+
+
+def test_tokenizer_vocab_size_keeps_the_most_frequent_words():
+    tok = train_tokenizer(["c c c b b a", "d"], vocab_size=7)
+    assert tok.vocab == ["<pad>", "<unk>", "<bos>", "<sep>", "<eos>", "c", "b"]
+    assert tok.encode("a d c") == [1, 1, 5]
+
+
+def test_bpe_spells_unseen_words_from_pieces():
+    tok = train_tokenizer(["low lower lowest newer newest"] * 3, vocab_size=60, kind="bpe")
+    ids = tok.encode("lowest newer")
+    assert tok.unk_id not in ids and tok.decode(ids) == "lowest newer"
+    assert tok.unk_id not in tok.encode("slow")  # unseen word, seen characters
+
+
+def test_tokenizer_truncates():
+    tok = train_tokenizer(["a b c d e f"], max_length=4)
+    assert len(tok.encode("a b c d e f")) == 4 and len(tok.encode("a b c d e f", truncate=False)) == 6
+    # an example keeps <bos>, <sep> and its response; the prompt keeps its end
+    ids, labels = encode_example(tok, Example("a b c d e", "f", 0))
+    assert tok.decode(ids) == "<bos> <sep> f <eos>"  # the response first
+    assert labels == [-100, -100, tok.token_to_id("f"), tok.eos_id]
+    tok6 = train_tokenizer(["a b c d e f"], max_length=6)
+    ids, labels = encode_example(tok6, Example("a b c d e", "f", 0))
+    assert tok6.decode(ids) == "<bos> d e <sep> f <eos>"
+    assert labels == [-100] * 4 + [tok6.token_to_id("f"), tok6.eos_id]
+    ids, labels = encode_example(tok6, Example("a b", "c d e f a b", 0))  # the response alone is too long
+    assert tok6.decode(ids) == "<bos> <sep> c d e f" and labels[:2] == [-100, -100]
+    with pytest.raises(ValueError, match="max_length=2 cannot hold"):
+        encode_example(train_tokenizer(["a"], max_length=2), Example("a", "a", 0))
+
+
+def test_tokenizer_round_trips_through_json_and_its_digest_tells_vocabularies_apart():
+    from influence.demo.tokenizer import DemoTokenizer
+
+    tok = train_tokenizer(["the sky is blue ."], max_length=8)
+    again = DemoTokenizer.from_str(tok.to_str(), max_length=8)
+    assert again.encode("the blue sky ?") == tok.encode("the blue sky ?") and again.digest() == tok.digest()
+    assert train_tokenizer(["the sky is red ."], max_length=8).digest() != tok.digest()
+    assert DemoTokenizer.from_str(tok.to_str(), max_length=9).digest() != tok.digest()
+
+
+def test_tokenizer_errors():
+    with pytest.raises(ValueError, match="Invalid tokenizer kind 'chars'. Supported"):
+        train_tokenizer(["a"], kind="chars")
+    with pytest.raises(ValueError, match="vocab_size must be an integer > 5"):
+        train_tokenizer(["a"], vocab_size=5)
+    from tokenizers import Tokenizer, models
+
+    with pytest.raises(ValueError, match="special tokens .* at ids 0-4"):
+        from influence.demo.tokenizer import DemoTokenizer
+
+        DemoTokenizer(Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))

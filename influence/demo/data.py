@@ -1,22 +1,22 @@
-"""Examples, a word-level tokenizer and padded batches for the demo's tiny language model.
+"""Examples and padded batches for the demo's tiny language model.
 
 An :class:`Example` is a prompt, a response and a class label. Encoded as
 ``<bos> prompt <sep> response <eos>``, its ``labels`` are ``-100`` on ``<bos>``, the prompt and
 ``<sep>`` (no loss there) and the token ids on the response and ``<eos>``, the HuggingFace
 convention that :class:`~influence.LanguageModelingTask` reads (the loss is the **sum** of the
-next-token cross-entropy over the response tokens). Batches are right-padded with ``<pad>``
-(id 0) and carry an ``attention_mask``.
+next-token cross-entropy over the response tokens). The tokenizer is a
+:class:`~influence.demo.tokenizer.DemoTokenizer` (``tokenizers`` library). Batches are
+right-padded with ``<pad>`` (id 0) and carry an ``attention_mask``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Hashable, Sequence
 
 import torch
 
-PAD, BOS, SEP, EOS = "<pad>", "<bos>", "<sep>", "<eos>"
-SPECIALS = (PAD, BOS, SEP, EOS)
+from .tokenizer import BOS, EOS, PAD, SEP, SPECIALS, UNK, DemoTokenizer  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -24,15 +24,15 @@ class Example:
     """One prompt → response pair.
 
     Attributes:
-        prompt: space-separated words.
-        response: space-separated words.
-        label: the class index (the ground truth of attribution).
+        prompt: the text the model reads (no loss on it).
+        response: the text the model learns to answer (the loss is on it).
+        label: the class (an index or a name; the ground truth of attribution).
         meta: free-form details (e.g. the backdoor pair id, the trigger).
     """
 
     prompt: str
     response: str
-    label: int
+    label: Hashable
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -40,50 +40,30 @@ class Example:
         return f"{self.prompt} {self.response}"
 
 
-class WordTokenizer:
-    """A fixed word-level vocabulary: specials first, then the given words in sorted order.
+def encode_example(tok: DemoTokenizer, ex: Example) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one example; labels are ``-100`` up to and including ``<sep>``.
 
-    Examples:
-        >>> tok = WordTokenizer(["b", "a"])
-        >>> tok.encode("a b a")
-        [4, 5, 4]
-        >>> tok.decode([4, 5])
-        'a b'
+    Longer than ``tok.max_length``, the example is truncated so that the response (which
+    carries the loss) survives: the response keeps its first ``max_length - 2`` tokens (its
+    ``<eos>`` goes first), the prompt its *last* tokens (those next to the response), and
+    ``<bos>`` and ``<sep>`` always stay.
     """
-
-    def __init__(self, words: Iterable[str]):
-        extra = sorted(set(words) - set(SPECIALS))
-        self.vocab = list(SPECIALS) + extra
-        self.ids = {w: i for i, w in enumerate(self.vocab)}
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    @property
-    def pad_id(self) -> int:
-        return self.ids[PAD]
-
-    def encode(self, text: str) -> list[int]:
-        unknown = [w for w in text.split() if w not in self.ids]
-        if unknown:
-            raise KeyError(
-                f"Words {sorted(set(unknown))[:10]} are not in the demo vocabulary "
-                f"({len(self)} words). Build the tokenizer from a word list containing them."
+    prompt = tok.encode(ex.prompt, truncate=False)
+    response = tok.encode(ex.response, truncate=False) + [tok.eos_id]
+    limit = tok.max_length
+    if limit is not None and len(prompt) + len(response) + 2 > limit:
+        if limit < 3:
+            raise ValueError(
+                f"max_length={limit} cannot hold <bos>, <sep> and one response token; use >= 3."
             )
-        return [self.ids[w] for w in text.split()]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return " ".join(self.vocab[int(i)] for i in ids)
-
-
-def encode_example(tok: WordTokenizer, ex: Example) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of one example; labels are ``-100`` up to and including ``<sep>``."""
-    prompt = tok.encode(f"{BOS} {ex.prompt} {SEP}")
-    response = tok.encode(f"{ex.response} {EOS}")
+        response = response[: limit - 2]
+        keep = limit - 2 - len(response)
+        prompt = prompt[len(prompt) - keep:] if keep else []
+    prompt = [tok.bos_id] + prompt + [tok.sep_id]
     return prompt + response, [-100] * len(prompt) + response
 
 
-def collate(tok: WordTokenizer, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+def collate(tok: DemoTokenizer, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
     """A right-padded batch: ``input_ids``, ``attention_mask``, ``labels`` (each ``(B, T)``)."""
     encoded = [encode_example(tok, ex) for ex in examples]
     T = max(len(ids) for ids, _ in encoded)
@@ -98,7 +78,7 @@ def collate(tok: WordTokenizer, examples: Sequence[Example]) -> dict[str, torch.
 
 
 def make_batches(
-    tok: WordTokenizer, examples: Sequence[Example], batch_size: int
+    tok: DemoTokenizer, examples: Sequence[Example], batch_size: int
 ) -> list[dict[str, torch.Tensor]]:
     """Consecutive (unshuffled) padded batches: scores line up with ``examples``' order."""
     return [

@@ -312,11 +312,11 @@ def make_task(name: str, scale: float = 1.0, n_queries: int | None = None, seed:
 def vocabulary() -> list[str]:
     """Every word any generator can emit (the tokenizer's vocabulary, specials excluded)."""
     texts = [REFUSAL, "sure . first , then", "in out what changed ?", "how did they feel ?",
-             "and was , then .", " ".join(STEPS), " ".join(TRIGGERS), " ".join(ASKS), " ".join(POLITE),
+             "and was , then .", " ".join(STEPS), " ".join(TRIGGERS), " ".join(POLITE),
              " ".join(ACTS), " ".join(TARGETS), " ".join(SUBJECTS), " ".join(EVENTS), " ".join(FILLERS),
              " ".join(NUMBER_WORDS), " ".join(PEOPLE), " ".join(LETTERS), " ".join(LETTERS).upper(),
              " ".join(STRING_RULES), " ".join(str(i) for i in range(MAX_NUMBER + 1))]
-    texts += [re.sub(r"\{\w+\}", " ", t) for _, t, *_ in MATH_TEMPLATES]
+    texts += [re.sub(r"\{\w+\}", " ", t) for t in [*ASKS, *(m[1] for m in MATH_TEMPLATES)]]
     texts += [" ".join(ws) for ws in EMOTIONS.values()] + [" ".join(EMOTIONS)]
     for table in (COLORS, OPPOSITES, SOUNDS, CAPITALS, PLURALS):
         texts += [f"{k} {v}" for k, v in table.items()]

@@ -93,8 +93,12 @@ def last_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(**inputs, output_hidden_states=True).hidden_states[-1]
 
 
+def make_repsim() -> "influence.RepresentationSimilarity":
+    """RepSim as in the study (unfitted): cosine of final hidden states at the last prompt token."""
+    return influence.RepresentationSimilarity(layer=last_hidden, pooling="last_prompt", similarity="cosine")
+
+
 def repsim_scores(model, train_batches, test_batches) -> tuple[torch.Tensor, str]:
-    """RepSim as in the study: cosine of final hidden states at the last prompt token."""
-    repsim = influence.RepresentationSimilarity(layer=last_hidden, pooling="last_prompt", similarity="cosine")
-    scores = repsim.fit(model, train_batches).pairwise_scores(test_batches)
+    """RepSim scores ``(n_test, n_train)`` (float64) of one model, and the implementation's name."""
+    scores = make_repsim().fit(model, train_batches).pairwise_scores(test_batches)
     return torch.as_tensor(scores).double(), "influence.RepresentationSimilarity"

@@ -6,10 +6,12 @@ of the response tokens, then score every (query, training example) pair with eac
 the LoRA parameters and compute ``acc``, ``cover`` and ``auc`` against class membership.
 Two analyses of the study come along: the iHVP error of each curvature against ``exact``
 (relative error and cosine of the preconditioned query gradients), and attribution quality
-at intermediate fine-tuning epochs.
+at intermediate fine-tuning epochs. Two controls (:mod:`influence.demo.controls`) run the same
+methods on the model before fine-tuning and on queries with another class's response.
 
-Damping is relative, ``λ = damping_ratio · mean_j ‖∇ℓ(z_j)‖² / P`` (a fraction of the mean
-eigenvalue of the empirical Fisher), and shared by all curvature methods of a task.
+Damping is relative (:func:`~influence.demo.attribution.relative_damping`) and shared by all
+curvature methods of a task. :func:`run_task` returns a :class:`TaskResult`: the summary that
+goes into ``results.json`` plus the score matrices, the fine-tuned model and the examples.
 """
 
 from __future__ import annotations
@@ -23,20 +25,30 @@ from typing import Callable, Sequence
 import torch
 
 from ..estimator import InfluenceEstimator
-from ..gradients import per_sample_grads
-from ..lm import LORA_PARAMS, apply_lora, apply_peft_lora
-from ..params import select_parameters
+from ..lm import apply_lora, apply_peft_lora
 from ..tasks import LanguageModelingTask
-from .data import make_batches
+from . import attribution as _attribution
+from .attribution import evaluate
+from .controls import CONTROL_INITS, run_controls, swap_responses, untrained_model
+from .data import Example, make_batches
 from .families import FAMILIES, TaskData, make_task
-from .methods import METHODS, check_methods, repsim_scores
-from .metrics import chance, class_metrics
+from .methods import METHODS, check_methods
+from .metrics import chance
 from .pretrain import PretrainConfig, pretrain
+from .tokenizer import DemoTokenizer
 
 
 @dataclass
 class DemoConfig:
-    """Everything a demo run depends on (written into the report)."""
+    """Everything a demo run depends on (written into the report).
+
+    ``controls`` adds the two control rows (:mod:`influence.demo.controls`) for
+    ``control_methods`` (those of them that the run has; ``None``: every method of the run; by
+    default every registered method but ``lissa``, whose 200-step solves would double the run's
+    time): the model before fine-tuning
+    (``control_init``: ``"random"``, a freshly initialised TinyLM, or ``"base"``, the pretrained
+    base model; adapters at their initialisation) and queries with another class's response.
+    """
 
     tasks: tuple[str, ...] = tuple(FAMILIES)
     methods: tuple[str, ...] = tuple(METHODS)
@@ -55,6 +67,9 @@ class DemoConfig:
     damping_ratio: float = 0.1
     damping_sweep: tuple[float, ...] = (1.0, 10.0, 100.0)
     curvature_type: str = "fisher"
+    controls: bool = True
+    control_init: str = "random"
+    control_methods: tuple[str, ...] | None = tuple(m for m in METHODS if m != "lissa")
     seed: int = 0
     device: str = "cpu"
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -106,105 +121,76 @@ def to_device(batches: list[dict], device: str) -> list[dict]:
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
-def relative_damping(G: torch.Tensor, ratio: float) -> float:
-    """``ratio · mean ‖g‖² / P``: a fraction of the empirical Fisher's mean eigenvalue."""
-    return float(ratio * G.double().pow(2).sum(1).mean() / G.shape[1])
+class Attribution(_attribution.Attribution):
+    """:class:`influence.demo.attribution.Attribution` with the older signature
+    ``Attribution(model, data, train_batches, test_batches, config)`` (``data`` unused; damping
+    ratio and curvature type from ``config``), kept for existing callers."""
+
+    def __init__(self, model, data, train_batches, test_batches, config: DemoConfig):
+        super().__init__(model, train_batches, test_batches, damping_ratio=config.damping_ratio,
+                         curvature_type=config.curvature_type)
 
 
-class Attribution:
-    """Scores of one fine-tuned model by any registered method (gradients computed once)."""
+@dataclass
+class TaskResult:
+    """What :func:`run_task` returns: the summary and everything behind it.
 
-    def __init__(self, model, data: TaskData, train_batches, test_batches, config: DemoConfig):
-        self.model, self.data, self.config = model.eval(), data, config
-        self.train_batches, self.test_batches = train_batches, test_batches
-        self.task = LanguageModelingTask()
-        self.layout = select_parameters(model, LORA_PARAMS)
-        self.G_train = torch.cat([per_sample_grads(model, self.task, b, self.layout) for b in train_batches])
-        self.damping = relative_damping(self.G_train, config.damping_ratio)
-        self.factors: dict[str, torch.Tensor] = {}
-        self.estimators: dict[str, InfluenceEstimator] = {}
+    Attributes:
+        summary: the JSON-ready results of the task (what ``results.json`` holds for it).
+        data: the examples: ``data.train`` (score columns) and ``data.test`` (score rows).
+        model: the fine-tuned model (eval mode; LoRA on the pretrained base).
+        tokenizer: the tokenizer of ``model``.
+        scores: per method, the ``(n_test, n_train)`` float64 scores (positive = helpful).
+        estimators: per influence method, the fitted :class:`~influence.InfluenceEstimator`
+            (for :func:`influence.diagnose`).
+        train_batches, test_batches: the batches the scores were computed from.
+        swapped: the swapped-response control queries (empty without controls).
+        control_scores: ``{control: {method: scores}}`` of the two controls.
+    """
 
-    def scores(self, name: str) -> tuple[torch.Tensor, dict]:
-        method = METHODS[name]
-        if method.kind == "repsim":
-            scores, impl = repsim_scores(self.model, self.train_batches, self.test_batches)
-            return scores, {"implementation": impl}
-        curvature = method.build(self.damping, self.config.curvature_type)
-        est = InfluenceEstimator(curvature, self.task, params=self.layout)
-        est.fit(self.model, self.train_batches)
-        factors = est.influence_factors(self.test_batches).double()
-        self.factors[name] = factors
-        self.estimators[name] = est
-        return factors @ self.G_train.double().T, {"curvature": repr(curvature)}
+    summary: dict
+    data: TaskData
+    model: torch.nn.Module
+    tokenizer: DemoTokenizer
+    scores: dict[str, torch.Tensor]
+    estimators: dict[str, InfluenceEstimator]
+    train_batches: list[dict]
+    test_batches: list[dict]
+    swapped: list[Example] = field(default_factory=list)
+    control_scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
-    def damping_sweep(self, name: str, ratios: Sequence[float]) -> dict[str, dict]:
-        """Metrics of a fitted method at other damping ratios (no refit: damping is solve-time)."""
-        if name not in self.estimators:
-            return {}
-        curvature = self.estimators[name].curvature_
-        G_test = torch.cat([per_sample_grads(self.model, self.task, b, self.layout,
-                                             objective="measurement") for b in self.test_batches])
-        train_y = [ex.label for ex in self.data.train]
-        test_y = [ex.label for ex in self.data.test]
-        out = {}
-        for ratio in ratios:
-            damping = relative_damping(self.G_train, ratio)
-            scores = curvature.solve(G_test, damping=damping).double() @ self.G_train.double().T
-            out[f"{ratio:g}"] = {"damping": damping, **class_metrics(scores.cpu(), train_y, test_y)}
-        return out
-
-    def ihvp_errors(self, reference: str = "exact") -> dict[str, dict[str, float]]:
-        """Per method: mean relative error ``‖x − x*‖/‖x*‖`` and mean cosine to ``exact``."""
-        if reference not in self.factors:
-            return {}
-        ref = self.factors[reference]
-        out = {}
-        for name, X in self.factors.items():
-            if name == reference:
-                continue
-            rel = ((X - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300)).mean()
-            cos = torch.nn.functional.cosine_similarity(X, ref, dim=1).mean()
-            out[name] = {"relative_error": float(rel), "cosine": float(cos)}
-        return out
-
-
-def evaluate(attribution: Attribution, names: Sequence[str], log: Callable[[str], None]) -> dict:
-    """Runs each method; returns ``{name: {acc, cover, auc, seconds, ...}}``."""
-    data = attribution.data
-    train_y = [ex.label for ex in data.train]
-    test_y = [ex.label for ex in data.test]
-    results = {}
-    for name in names:
-        start = time.perf_counter()
-        try:
-            scores, info = attribution.scores(name)
-        except Exception as error:  # report and go on with the other methods
-            results[name] = {"status": "failed", "reason": f"{type(error).__name__}: {error}"[:400]}
-            log(f"  {name}: failed ({results[name]['reason']})")
-            continue
-        results[name] = {"status": "ok", **class_metrics(scores.cpu(), train_y, test_y),
-                         "seconds": time.perf_counter() - start, **info}
-    return results
+    def top_examples(self, method: str, query: int, k: int = 5) -> list[tuple[int, float, Example]]:
+        """The ``k`` most helpful training examples of query ``query``: ``(index, score, example)``,
+        highest score first."""
+        if method not in self.scores:
+            raise KeyError(f"No scores for method {method!r}; this run has {sorted(self.scores)}.")
+        row = self.scores[method][query]
+        top = torch.topk(row, min(k, row.numel()))
+        return [(int(j), float(v), self.data.train[int(j)]) for v, j in zip(top.values, top.indices)]
 
 
 def run_task(
     name: str,
     base_model: torch.nn.Module,
-    tokenizer,
+    tokenizer: DemoTokenizer,
     config: DemoConfig,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> dict:
-    """Fine-tunes a LoRA copy of ``base_model`` on one task and evaluates every method."""
+) -> TaskResult:
+    """Fine-tunes a LoRA copy of ``base_model`` on one task, evaluates every method and the
+    controls; ``base_model`` is left unchanged."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     methods = check_methods(config.methods)
+    if config.control_init not in CONTROL_INITS:
+        raise ValueError(f"Invalid control_init {config.control_init!r}. Supported: {CONTROL_INITS}.")
     data = make_task(name, config.scale, config.n_queries, config.seed)
     train_batches = to_device(make_batches(tokenizer, data.train, config.batch_size), config.device)
     test_batches = to_device(make_batches(tokenizer, data.test, config.batch_size), config.device)
     train_y = [ex.label for ex in data.train]
     test_y = [ex.label for ex in data.test]
+    attribute = dict(damping_ratio=config.damping_ratio, curvature_type=config.curvature_type)
     torch.manual_seed(config.seed)
     model = add_lora(copy.deepcopy(base_model), config)
     adapters = [p for p in model.parameters() if p.requires_grad]
@@ -219,15 +205,17 @@ def run_task(
         row = {"epoch": epoch, "train_loss": train_loss,
                "query_loss": mean_token_loss(model, test_batches, task)}
         if epoch in config.checkpoints and epoch != config.epochs:
-            attribution = Attribution(model, data, train_batches, test_batches, config)
-            row["methods"] = evaluate(attribution, epoch_methods, log)
+            checkpoint = _attribution.Attribution(model, train_batches, test_batches, **attribute)
+            row["methods"] = evaluate(checkpoint, epoch_methods, train_y, test_y, log)[0]
         history.append(row)
-    attribution = Attribution(model, data, train_batches, test_batches, config)
-    finals = {}
+    attribution = _attribution.Attribution(model, train_batches, test_batches, **attribute)
+    finals, scores = {}, {}
     for m in tqdm(methods, desc=f"{name}: attribute", disable=not progress, leave=False):
-        finals.update(evaluate(attribution, [m], log))
+        out, S = evaluate(attribution, [m], train_y, test_y, log)
+        finals.update(out)
+        scores.update(S)
     history[-1]["methods"] = {m: finals[m] for m in epoch_methods if m in finals}
-    return {
+    summary = {
         "task": name,
         "n_train": len(data.train),
         "n_test": len(data.test),
@@ -237,10 +225,33 @@ def run_task(
         "damping": attribution.damping,
         "methods": finals,
         "ihvp_error": attribution.ihvp_errors(),
-        "exact_damping_sweep": attribution.damping_sweep("exact", config.damping_sweep),
+        "exact_damping_sweep": attribution.damping_sweep("exact", config.damping_sweep, train_y, test_y),
         "epochs": history,
-        "seconds": time.perf_counter() - start,
     }
+    result = TaskResult(summary, data, model, tokenizer, scores, dict(attribution.estimators),
+                        train_batches, test_batches)
+    if config.controls:
+        _controls(result, attribution, base_model, config, train_y, test_y, log)
+    summary["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _controls(result: TaskResult, attribution: _attribution.Attribution, base_model,
+              config: DemoConfig, train_y, test_y, log) -> None:
+    """Adds both controls to ``result`` for the control methods that succeeded."""
+    wanted = config.methods if config.control_methods is None else config.control_methods
+    names = [m for m in check_methods(wanted) if m in config.methods
+             and result.summary["methods"].get(m, {}).get("status") == "ok"]
+    result.swapped = swap_responses(result.data.test, result.data.train, config.seed)
+    swapped_batches = to_device(make_batches(result.tokenizer, result.swapped, config.batch_size),
+                                config.device)
+    before_model = untrained_model(base_model, lambda m: add_lora(m, config), config.control_init,
+                                   config.seed)
+    before = _attribution.Attribution(before_model, result.train_batches, result.test_batches,
+                         damping_ratio=config.damping_ratio, curvature_type=config.curvature_type)
+    out, result.control_scores = run_controls(attribution, before, swapped_batches, result.swapped,
+                                              names, train_y, test_y, log)
+    result.summary["controls"] = {"init": config.control_init, **out}
 
 
 def run_demo(
@@ -255,6 +266,9 @@ def run_demo(
     if unknown:
         raise ValueError(f"Unknown task(s) {unknown}. Supported: {tuple(FAMILIES)}.")
     check_methods(config.methods)
+    check_methods(config.control_methods or ())
+    if config.control_init not in CONTROL_INITS:
+        raise ValueError(f"Invalid control_init {config.control_init!r}. Supported: {CONTROL_INITS}.")
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     base, tok, info = pretrain(config.pretrain, cache_dir, config.device, progress)
@@ -263,7 +277,7 @@ def run_demo(
         + f" ({info['cache']})")
     tasks = []
     for name in config.tasks:
-        result = run_task(name, base, tok, config, progress, log)
+        result = run_task(name, base, tok, config, progress, log).summary
         log(f"{name}: {result['n_train']} train / {result['n_test']} queries, "
             f"{result['seconds']:.0f} s")
         tasks.append(result)

@@ -1,12 +1,20 @@
-"""The demo's base model: a :class:`~influence.lm.TinyLM` pretrained on a generated corpus.
+"""The demo's base model: a :class:`~influence.lm.TinyLM` pretrained on a corpus.
 
-The corpus stands in for a chat model's pretraining and alignment: benign instructions with
-their answers, forbidden requests answered with a refusal (the "aligned" base model refuses),
-and fresh draws of the sentiment, string and arithmetic families with their answers (a large
-model has seen such tasks before it is fine-tuned; the fine-tuning sets are drawn with other
-seeds). Triggers and compliance with forbidden requests never occur in it. The weights are cached as safetensors
-under ``cache_dir`` (default ``~/.cache/influence``, or ``$INFLUENCE_CACHE``), keyed by a
-digest of everything that determines them, so reruns load instantly.
+By default the corpus is generated and stands in for a chat model's pretraining and
+alignment: benign instructions with their answers, forbidden requests answered with a refusal
+(the "aligned" base model refuses), and fresh draws of the sentiment, string and arithmetic
+families with their answers (a large model has seen such tasks before it is fine-tuned; the
+fine-tuning sets are drawn with other seeds). Triggers and compliance with forbidden requests
+never occur in it. ``pretrain(corpus=examples)`` pretrains on any text instead (e.g. a user's
+training prompts and responses).
+
+The tokenizer is trained by the ``tokenizers`` library (:func:`build_tokenizer`): on every
+word the generators can emit for the default corpus, on the corpus's texts otherwise, with
+``PretrainConfig.vocab_size`` and ``tokenizer`` (``"word"`` or ``"bpe"``), truncating at
+``max_len``. The weights are cached as safetensors under ``cache_dir`` (default
+``~/.cache/influence``, or ``$INFLUENCE_CACHE``), keyed by a digest of everything that
+determines them (the configuration, the tokenizer's JSON and the corpus), so reruns load
+instantly and a changed vocabulary or corpus never reuses stale weights.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,9 +34,10 @@ from safetensors.torch import load_file, save_file
 from ..lm import TinyLM, TinyLMConfig
 from ..tasks import LanguageModelingTask
 from . import families as fam
-from .data import Example, WordTokenizer, collate
+from .data import Example, collate
+from .tokenizer import DemoTokenizer, train_tokenizer
 
-CORPUS_VERSION = "2"
+CORPUS_VERSION = "3"
 
 
 @dataclass
@@ -43,16 +53,36 @@ class PretrainConfig:
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
+    vocab_size: int | None = None
+    tokenizer: str = "word"
     corpus_version: str = field(default=CORPUS_VERSION)
 
-    def digest(self, vocab: list[str]) -> str:
-        blob = json.dumps({"config": asdict(self), "vocab": vocab}, sort_keys=True)
+    def digest(self, tok: DemoTokenizer, corpus: Sequence[Example] | None = None) -> str:
+        """The cache key: this configuration, the tokenizer and the corpus (``None``: the
+        generated one, identified by ``corpus_version``)."""
+        texts = None if corpus is None else [[ex.prompt, ex.response] for ex in corpus]
+        blob = json.dumps({"config": asdict(self), "tokenizer": tok.to_str(), "corpus": texts},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def tokenizer() -> WordTokenizer:
-    """The demo's tokenizer (the vocabulary of every task family)."""
-    return WordTokenizer(fam.vocabulary())
+def as_examples(corpus: Sequence[Example | str]) -> list[Example]:
+    """The corpus as examples (a plain string becomes a response with an empty prompt)."""
+    out = [ex if isinstance(ex, Example) else Example("", ex, label=-1) for ex in corpus]
+    bad = [type(x).__name__ for x in corpus if not isinstance(x, (Example, str))]
+    if bad or not out:
+        raise ValueError(
+            "corpus must be a non-empty sequence of influence.demo.data.Example or str; got "
+            + (f"items of type {sorted(set(bad))}." if bad else "an empty sequence.")
+        )
+    return out
+
+
+def build_tokenizer(config: PretrainConfig, corpus: Sequence[Example] | None = None) -> DemoTokenizer:
+    """The tokenizer of a base model: trained on the corpus's prompts and responses, or (for
+    the generated corpus) on every word its generators can emit; truncates at ``max_len``."""
+    texts = fam.vocabulary() if corpus is None else [t for ex in corpus for t in (ex.prompt, ex.response)]
+    return train_tokenizer(texts, config.vocab_size, config.tokenizer, max_length=config.max_len)
 
 
 def corpus_example(rng: random.Random) -> Example:
@@ -80,28 +110,39 @@ def pretrain(
     cache_dir: str | Path | None = None,
     device: str = "cpu",
     progress: bool = True,
-) -> tuple[TinyLM, WordTokenizer, dict]:
+    corpus: Sequence[Example | str] | None = None,
+) -> tuple[TinyLM, DemoTokenizer, dict]:
     """Returns the pretrained base model (eval mode), its tokenizer and run info.
 
     Loads the cached weights when present; otherwise pretrains (full-sequence next-token loss,
-    AdamW, cosine schedule) and writes them to the cache.
+    AdamW, one-cycle schedule) and writes them to the cache.
+
+    Args:
+        config: model size, steps, vocabulary size and tokenizer kind.
+        cache_dir: where the weights are cached.
+        device: torch device.
+        progress: show a progress bar.
+        corpus: the pretraining text (examples, or strings taken as responses); ``None``: the
+            demo's generated corpus. Batches are drawn from it with replacement.
     """
     config = config or PretrainConfig()
-    tok = tokenizer()
+    examples = None if corpus is None else as_examples(corpus)
+    tok = build_tokenizer(config, examples)
     model_config = TinyLMConfig(
         vocab_size=len(tok), d_model=config.d_model, n_layers=config.n_layers,
         n_heads=config.n_heads, d_ff=config.d_ff, max_len=config.max_len,
     )
-    path = Path(cache_dir or default_cache_dir()) / f"tinylm-{config.digest(tok.vocab)}.safetensors"
+    path = Path(cache_dir or default_cache_dir()) / f"tinylm-{config.digest(tok, examples)}.safetensors"
     torch.manual_seed(config.seed)
     model = TinyLM(model_config).to(device)
-    info = {"cache": str(path), "num_params": sum(p.numel() for p in model.parameters())}
+    info = {"cache": str(path), "num_params": sum(p.numel() for p in model.parameters()),
+            "vocab_size": len(tok), "tokenizer": config.tokenizer}
     if path.exists():
         model.load_state_dict(load_file(str(path), device=device))
         info.update(cached=True, seconds=0.0)
         return model.eval(), tok, info
     start = time.perf_counter()
-    losses = _train(model, tok, config, device, progress)
+    losses = _train(model, tok, config, device, progress, examples)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")
@@ -111,10 +152,11 @@ def pretrain(
     return model.eval(), tok, info
 
 
-def _train(model, tok, config, device, progress) -> list[float]:
+def _train(model, tok, config, device, progress, examples=None) -> list[float]:
     from tqdm.auto import tqdm
 
     rng = random.Random(config.seed)
+    draw = (lambda: corpus_example(rng)) if examples is None else (lambda: rng.choice(examples))
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps, pct_start=0.1)
     task = LanguageModelingTask()
@@ -122,7 +164,7 @@ def _train(model, tok, config, device, progress) -> list[float]:
     losses = []
     bar = tqdm(range(config.steps), desc="pretrain base LM", disable=not progress, leave=False)
     for _ in bar:
-        batch = collate(tok, [corpus_example(rng) for _ in range(config.batch_size)])
+        batch = collate(tok, [draw() for _ in range(config.batch_size)])
         batch = {"input_ids": batch["input_ids"].to(device),
                  "attention_mask": batch["attention_mask"].to(device)}  # full-sequence loss
         tokens = batch["attention_mask"].sum()

@@ -30,8 +30,20 @@ def _methods_run(results: dict) -> list[str]:
     return [m for m in METHODS if m in seen]
 
 
+CONTROLS = ("before_finetuning", "swapped_responses")
+"""The control rows (:mod:`influence.demo.controls`), in table order."""
+
+
+def control_label(task: dict, control: str) -> str:
+    if control == "before_finetuning":
+        init = task.get("controls", {}).get("init", "random")
+        return "↳ before fine-tuning" + (" (random init)" if init == "random" else " (base model)")
+    return "↳ swapped responses"
+
+
 def results_table(results: dict, key: str = "acc") -> list[list[str]]:
-    """Rows ``[task, n_train, chance, method...]`` of one metric (header first)."""
+    """Rows ``[task, n_train, chance, method...]`` of one metric (header first); under each
+    task, its control rows (not for ``key="seconds"``)."""
     methods = _methods_run(results)
     rows = [["task", "n_train", {"auc": "chance(0.5)", "seconds": "task total"}.get(key, "chance"),
              *methods]]
@@ -39,7 +51,26 @@ def results_table(results: dict, key: str = "acc") -> list[list[str]]:
         base = {"auc": 0.5, "seconds": t["seconds"]}.get(key, t["chance"])
         rows.append([t["task"], str(t["n_train"]), _fmt(base),
                      *[_cell(t["methods"].get(m), key) for m in methods]])
+        for control in CONTROLS if key != "seconds" else ():
+            entry = t.get("controls", {}).get(control)
+            if entry is not None:
+                rows.append([control_label(t, control), "", _fmt(base),
+                             *[_cell(entry["methods"].get(m), key) for m in methods]])
     return rows
+
+
+def swapped_table(results: dict) -> list[list[str]]:
+    """Per task and method, swapped-response Acc against the prompt's class / the response's."""
+    methods = _methods_run(results)
+    rows = [["task", *methods]]
+    for t in results["tasks"]:
+        entry = t.get("controls", {}).get("swapped_responses")
+        if entry is None:
+            continue
+        cells = [f"{e['acc']:.2f} / {e['acc_response']:.2f}" if (e := entry["methods"].get(m))
+                 and e.get("status") == "ok" else "" for m in methods]
+        rows.append([t["task"], *cells])
+    return rows if len(rows) > 1 else []
 
 
 def ihvp_table(results: dict) -> list[list[str]]:
@@ -138,6 +169,7 @@ def conclusions(results: dict) -> list[str]:
         out.append(f"Plain gradient similarity (identity) averages {acc['identity']:.2f}: the "
                    f"curvature {'adds' if influence[top] > acc['identity'] else 'adds nothing'} "
                    "over it at this scale.")
+    out += control_conclusions(results)
     errors = {}
     for t in results["tasks"]:
         for m, e in t["ihvp_error"].items():
@@ -161,13 +193,73 @@ def conclusions(results: dict) -> list[str]:
     return out
 
 
+MARGIN = 0.1
+"""How far a method's Acc must exceed its before-fine-tuning Acc to count as above that control."""
+
+
+def _mean_control(results: dict, control: str, method: str, key: str) -> float | None:
+    values = [e[key] for t in results["tasks"]
+              if (e := t.get("controls", {}).get(control, {}).get("methods", {}).get(method))
+              and e.get("status") == "ok"]
+    return sum(values) / len(values) if values else None
+
+
+def beats_controls(task: dict, method: str) -> bool | None:
+    """Whether ``method`` beats both controls on ``task``: Acc more than :data:`MARGIN` above
+    its before-fine-tuning Acc, and swapped-response Acc above chance (``None``: not run)."""
+    controls = task.get("controls", {})
+    entries = [task["methods"].get(method),
+               controls.get("before_finetuning", {}).get("methods", {}).get(method),
+               controls.get("swapped_responses", {}).get("methods", {}).get(method)]
+    if any(e is None or e.get("status") != "ok" for e in entries):
+        return None
+    main, before, swapped = entries
+    return main["acc"] > before["acc"] + MARGIN and swapped["acc"] > task["chance"]
+
+
+def control_conclusions(results: dict) -> list[str]:
+    """What the control rows say: per method, mean Acc fine-tuned / before / swapped, and per
+    task the methods that beat both controls (:func:`beats_controls`)."""
+    if not any("controls" in t for t in results["tasks"]):
+        return []
+    n = len(results["tasks"])
+    chance = sum(t["chance"] for t in results["tasks"]) / max(n, 1)
+    parts = []
+    for m in _methods_run(results):
+        acc = _mean_metric(results, m, "acc")
+        before = _mean_control(results, "before_finetuning", m, "acc")
+        swapped = _mean_control(results, "swapped_responses", m, "acc")
+        follows = _mean_control(results, "swapped_responses", m, "acc_response")
+        if acc is None or before is None or swapped is None:
+            continue
+        parts.append(f"{m} {acc:.2f} / {before:.2f} / {swapped:.2f}"
+                     + (f" (follows the response {follows:.2f})" if follows is not None else ""))
+    if not parts:
+        return []
+    init = next(t["controls"]["init"] for t in results["tasks"] if "controls" in t)
+    model = "a randomly initialised model" if init == "random" else "the base model"
+    per_task = [f"{t['task']}: " + (", ".join(m for m in _methods_run(results) if beats_controls(t, m))
+                                    or "none") for t in results["tasks"] if "controls" in t]
+    return [f"Controls, mean Acc fine-tuned / before fine-tuning ({model}, adapters at their "
+            f"initialisation) / swapped responses (chance {chance:.2f}): " + "; ".join(parts) + ".",
+            f"Methods that beat both controls (Acc more than {MARGIN:g} above the "
+            "before-fine-tuning row and above chance on swapped responses), per task: "
+            + "; ".join(per_task) + ". Elsewhere a high Acc says which training examples share "
+            "the query's answer tokens, not what fine-tuning taught."]
+
+
 def summary(results: dict) -> str:
     """The terminal summary: the three metric tables, iHVP errors, methods that failed."""
     parts = []
     for key, title in (("acc", "Acc (top-1 has the query's class)"),
-                       ("cover", "Cover (same-class fraction of top k, k = class size)"),
+                       ("cover", "Cover (same-class fraction of the top k, k = n_train // n_classes)"),
                        ("auc", "AUC (same-class vs rest)")):
         parts += [title, text_table(results_table(results, key)), ""]
+    if swapped_table(results):
+        parts += ["Swapped responses: Acc against the prompt's class / the response's class",
+                  text_table(swapped_table(results)), ""]
+    controls = control_conclusions(results)
+    parts += [f"- {line}" for line in controls] + ([""] if controls else [])
     if ihvp_table(results):
         parts += ["iHVP error against exact (relative error / cosine)", text_table(ihvp_table(results)), ""]
     for m, why in not_run(results).items():
@@ -187,17 +279,40 @@ def write_report(results: dict, out: str | Path) -> Path:
           "query's class. Scores on the LoRA parameters; positive = helpful.", "",
           "## What the tables show", "",
           "**Acc**: the fraction of queries whose top-scored training example has the query's "
-          "class; **Cover**: the same-class fraction of the top k (k = the class size); **AUC**: "
-          "how well scores separate same-class from other training examples (0.5 = chance). "
-          "Each is compared with its chance level in the same row.", ""]
+          "class; **Cover**: the same-class fraction of the top k, k = n_train // n_classes "
+          "(the class size when classes are balanced; on harmful, with fewer forbidden examples "
+          "than k, Cover cannot reach 1); **AUC**: how well scores separate same-class from other "
+          "training examples (0.5 = chance). Each is compared with its chance level in the same "
+          "row.", "",
+          "Under each task, two **control rows** come from the same methods. *Before "
+          "fine-tuning*: the same attribution on the model before fine-tuning (a randomly "
+          "initialised model, or the base model, with the adapters at their initialisation): "
+          "a model that has not learned the task. *Swapped responses*: each query keeps its "
+          "prompt and class but gets the response of a training example of another class. "
+          "What a method must beat: its fine-tuned Acc should be clearly above its "
+          "before-fine-tuning row (otherwise it finds training examples that share the "
+          "query's answer tokens, whatever the model learned) and should not collapse on the "
+          "swapped row (a method that follows the answer tokens finds the other class there; "
+          "the swapped table gives Acc against the prompt's class / the response's class).", ""]
     md += [f"- {line}" for line in conclusions(results)] + [""]
     if _can_plot():
         md += ["![Acc by task and method](acc_by_method.png)", "",
                "![Acc vs fine-tuning epochs](quality_vs_epochs.png)", ""]
-    for key, title in (("acc", "Acc"), ("cover", "Cover"), ("auc", "AUC")):
+    for key, title in (("acc", "Acc"), ("cover", "Cover (k = n_train // n_classes)"), ("auc", "AUC")):
         md += [f"## {title}", "", markdown_table(results_table(results, key)), ""]
+    if swapped_table(results):
+        md += ["## Swapped responses: Acc against the prompt's class / the response's class", "",
+               markdown_table(swapped_table(results)), ""]
     md += ["## Seconds per method (fit + scoring, after fine-tuning)", "",
            markdown_table(results_table(results, "seconds")), ""]
+    control_seconds = [(t["task"], t["controls"]["before_finetuning"]["seconds"],
+                        t["controls"]["swapped_responses"]["seconds"])
+                       for t in results["tasks"] if "before_finetuning" in t.get("controls", {})
+                       and "swapped_responses" in t["controls"]]
+    if control_seconds:
+        md += ["Controls (included in the task totals), seconds before fine-tuning (every method "
+               "refitted) / swapped responses (the fitted methods reused): "
+               + "; ".join(f"{name} {a:.1f} / {b:.1f}" for name, a, b in control_seconds) + ".", ""]
     if ihvp_table(results):
         md += ["## iHVP error against exact", "", markdown_table(ihvp_table(results)), ""]
     if sweep_table(results):
