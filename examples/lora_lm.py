@@ -31,7 +31,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import influence  # noqa: E402
-from influence.demo.data import Example, WordTokenizer, make_batches  # noqa: E402
+from influence.demo.data import Example, make_batches  # noqa: E402
+from influence.demo.tokenizer import train_tokenizer  # noqa: E402
 from influence.demo.families import CAPITALS, COLORS, OPPOSITES, SOUNDS  # noqa: E402
 from influence.evaluation import top1_accuracy  # noqa: E402
 
@@ -74,7 +75,7 @@ def main(pretrain_steps: int = 300, finetune_steps: int = 150, d_model: int = 32
     """Trains, fine-tunes with LoRA, attributes the queries; returns each method's ``Acc``."""
     start = time.perf_counter()
     train, queries = make_data(seed, queries_per_family)
-    tok = WordTokenizer({w for ex in [*train, *queries] for w in ex.text.split()})
+    tok = train_tokenizer([ex.text for ex in [*train, *queries]])
     batches = make_batches(tok, train, batch_size=8)   # in order: scores line up with `train`
     query_batches = make_batches(tok, queries, batch_size=8)
 
