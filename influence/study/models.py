@@ -27,7 +27,6 @@ from .data import STUDY_EXTRA, Record
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 
 
 def check_dtype(name: str) -> torch.dtype:
@@ -70,15 +69,15 @@ def load_hf(model_id: str, dtype: str = "float32", device: str = "cpu", progress
 
 
 def train_word_tokenizer(texts: Sequence[str], vocab_size: int = 8000):
-    """A word-level tokenizer (``tokenizers`` library, punctuation split, ``<unk>`` for unseen
-    words) trained on ``texts``, as a ``PreTrainedTokenizerFast`` that prepends ``<bos>``."""
+    """The demo's word-level tokenizer (:func:`influence.demo.tokenizer.train_tokenizer`:
+    ``tokenizers`` library, punctuation split, ``<unk>`` for unseen words) trained on ``texts``,
+    as a ``PreTrainedTokenizerFast`` that prepends ``<bos>`` (what the HF-model path expects)."""
     transformers = _transformers()
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
 
-    core = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab_size,
-                                                              special_tokens=list(SPECIAL_TOKENS)))
+    from ..demo.tokenizer import train_tokenizer
+
+    core = train_tokenizer(texts, vocab_size=vocab_size).tokenizer
     core.post_processor = processors.TemplateProcessing(
         single="<bos> $A", special_tokens=[("<bos>", core.token_to_id("<bos>"))])
     return transformers.PreTrainedTokenizerFast(
