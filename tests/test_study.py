@@ -233,15 +233,16 @@ def test_lora_targets_are_the_query_value_projections(tiny):
 
 def test_swapped_queries_get_another_class_response():
     queries = read_split_like(rows(2, 1))
-    swapped, donors = swap_responses(queries)
+    swapped, donors = swap_responses(queries, pool=queries, seed=3)
     by_response = {q.response: q.label for q in queries}
     for q, s, d in zip(queries, swapped, donors):
         assert s.prompt == q.prompt and s.label == q.label and by_response[s.response] == d != q.label
+    assert swap_responses(queries, pool=queries, seed=3) == (swapped, donors)  # seeded
     only_joy = [q for q in queries if q.label == "joy"]
-    swapped, donors = swap_responses(only_joy, pool=queries)  # one class: responses from the pool
+    swapped, donors = swap_responses(only_joy, pool=queries)  # responses from the pool
     assert all(d != "joy" for d in donors)
-    with pytest.raises(ValueError, match="no query or training example has a class other than 'joy'"):
-        swap_responses(only_joy)
+    with pytest.raises(ValueError, match="class 'joy', the only class in the pool"):
+        swap_responses(only_joy, pool=only_joy)
 
 
 def read_split_like(data):

@@ -63,12 +63,30 @@ def swap_responses(queries: Sequence[Example], pool: Sequence[Example], seed: in
         >>> swapped[0].prompt, swapped[0].response, swapped[0].label, swapped[0].meta["response_label"]
         ('she smiled', 'anger', 'joy', 'anger')
     """
+    out = []
+    for q, j in zip(queries, draw_donors(queries, pool, seed)):
+        meta = {**q.meta, "response_label": pool[j].label, "original_response": q.response,
+                "response_from": j}
+        out.append(Example(q.prompt, pool[j].response, q.label, meta=meta))
+    return out
+
+
+def draw_donors(queries: Sequence[Any], pool: Sequence[Any], seed: int = 0) -> list[int]:
+    """Per query, the ``pool`` index whose response :func:`swap_responses` swaps in.
+
+    Works on any rows with ``label`` and ``response`` attributes (the demo's examples, the
+    study's records): a class other than the query's drawn uniformly among the pool's classes,
+    then an example of it whose response differs from the query's (any, if none differs).
+
+    Raises:
+        ValueError: when a query's class is the only class in ``pool``.
+    """
     by_class: dict[Any, list[int]] = {}
     for j, ex in enumerate(pool):
         by_class.setdefault(ex.label, []).append(j)
     classes = sorted(by_class, key=repr)  # a fixed order whatever the label type
     rng = random.Random(seed)
-    out = []
+    donors = []
     for i, q in enumerate(queries):
         others = [c for c in classes if c != q.label]
         if not others:
@@ -79,11 +97,8 @@ def swap_responses(queries: Sequence[Example], pool: Sequence[Example], seed: in
             )
         members = by_class[rng.choice(others)]
         differing = [j for j in members if pool[j].response != q.response] or members
-        j = rng.choice(differing)
-        meta = {**q.meta, "response_label": pool[j].label, "original_response": q.response,
-                "response_from": j}
-        out.append(Example(q.prompt, pool[j].response, q.label, meta=meta))
-    return out
+        donors.append(rng.choice(differing))
+    return donors
 
 
 def untrained_model(

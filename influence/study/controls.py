@@ -7,8 +7,8 @@ answer gives the class away. The controls measure how much of a score comes from
 - ``before_finetuning``: the same methods on the model before fine-tuning (the base model
   with fresh LoRA adapters, ``lora_B = 0``; for the built-in TinyLM, the architecture at random
   initialisation). Whatever a method reaches there does not come from what fine-tuning taught.
-- ``swapped_response``: each query's response replaced by the response of a query of another
-  class (:func:`swap_responses`), scored on the fine-tuned model against the query's *own*
+- ``swapped_response``: each query's response replaced by the response of a training example
+  of another class (:func:`swap_responses`, seeded), scored on the fine-tuned model against the query's *own*
   label. A method that follows the answer tokens drops (towards 0); ``acc_other_class`` is its
   Acc against the class the swapped-in response came from.
 """
@@ -18,42 +18,27 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
+from ..demo.controls import draw_donors
 from .data import Record
 
 CONTROLS = ("before_finetuning", "swapped_response")
 
 
-def swap_responses(queries: Sequence[Record],
-                   pool: Sequence[Record] = ()) -> tuple[list[Record], list[str]]:
-    """Each query with the response of the next query (cyclically) of another class.
+def swap_responses(queries: Sequence[Record], pool: Sequence[Record],
+                   seed: int = 0) -> tuple[list[Record], list[str]]:
+    """Each query with the response of a ``pool`` example of another class.
 
-    When every query has the same class, the responses come from ``pool`` (e.g. the training
-    split) instead. Returns the swapped queries (prompt and label kept) and, per query, the
-    label of the example whose response it got.
+    The donors are drawn as the demo draws them (:func:`influence.demo.controls.draw_donors`:
+    a class other than the query's uniformly among the pool's classes, then an example of it
+    whose response differs, seeded). Returns the swapped queries (prompt and label kept) and,
+    per query, the label of the example whose response it got.
 
     Examples:
-        >>> q = [Record("p0", "yes", "a", 0), Record("p1", "yes", "a", 1), Record("p2", "no", "b", 2)]
-        >>> swapped, donors = swap_responses(q)
+        >>> q = [Record("p0", "yes", "a", 0), Record("p1", "no", "b", 1)]
+        >>> swapped, donors = swap_responses(q, pool=q)
         >>> [r.response for r in swapped], donors
-        (['no', 'no', 'yes'], ['b', 'b', 'a'])
+        (['no', 'yes'], ['b', 'a'])
     """
-    out, donors = [], []
-    for i, query in enumerate(queries):
-        donor = _donor(queries, i, query.label) or _donor(pool, i % max(len(pool), 1), query.label)
-        if donor is None:
-            raise ValueError(
-                f"Cannot swap the response of query {query.index}: no query or training example "
-                f"has a class other than {query.label!r}."
-            )
-        out.append(replace(query, response=donor.response))
-        donors.append(donor.label)
-    return out, donors
-
-
-def _donor(rows: Sequence[Record], start: int, label: str) -> Record | None:
-    n = len(rows)
-    for step in range(1, n + 1):
-        row = rows[(start + step) % n]
-        if row.label != label:
-            return row
-    return None
+    donors = draw_donors(queries, pool, seed)
+    return ([replace(q, response=pool[j].response) for q, j in zip(queries, donors)],
+            [pool[j].label for j in donors])
