@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -161,3 +162,20 @@ class ResNet18(nn.Module):
         x = torch.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(x.mean(dim=(2, 3)))
+
+
+def result_name(name: str, smoke: bool, device: str = "cpu") -> str:
+    """``name``, ``name_smoke`` for smoke runs, ``_<device>`` appended off the CPU."""
+    return name + ("_smoke" if smoke else "") + ("" if device == "cpu" else "_" + device)
+
+
+def smoke_cli(run, device: bool = False) -> None:
+    """The command line of a benchmark ``run(smoke, out_dir[, device])``: ``--smoke``, ``--out``
+    and, with ``device=True``, ``--device``."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    if device:
+        ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    run(args.smoke, args.out, *([args.device] if device else []))

@@ -19,13 +19,12 @@ largest difference between a split's sum and the pairwise scores.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
 import torch
 
-from _common import RESULTS, environment, lm, lm_batch, side_by_side, write
+from _common import environment, lm, lm_batch, side_by_side, result_name, smoke_cli, write
 from influence import EKFAC, Identity, InfluenceEstimator, LanguageModelingTask, ScoringConfig
 
 
@@ -77,13 +76,9 @@ def run(smoke: bool, out_dir: Path) -> dict:
              "over max |pairwise|; 'aggregate vs row mean': |aggregate - mean of the rows| over max |pairwise| (with "
              "query_rank the rows are low-rank approximations while the aggregated query is held dense and exact, "
              "so they differ by the rank truncation).")
-    write("bench_decompose" + ("_smoke" if smoke else ""), payload, rows, out_dir, notes)
+    write(result_name("bench_decompose", smoke), payload, rows, out_dir, notes)
     return payload
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    run(args.smoke, args.out)
+    smoke_cli(run)

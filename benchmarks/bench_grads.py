@@ -7,12 +7,11 @@ ordinary batched backward with parameter gradients (the physical reference), sid
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from _common import CNN, RESULTS, environment, lm, lm_batch, mlp, side_by_side, sync, to, write
+from _common import CNN, environment, lm, lm_batch, mlp, side_by_side, sync, to, result_name, smoke_cli, write
 from influence import ClassificationTask, LanguageModelingTask, select_parameters
 from influence.gradients.functional import per_sample_grads
 from influence.gradients.hooks import GradientComputer
@@ -88,14 +87,9 @@ def run(smoke: bool, out_dir: Path, device: str = "cpu", dtype=torch.float32) ->
              "backward with parameter gradients. 'ours' materialises (B, P) into a reused buffer; "
              "'factors only' is the capture pass (what ghost/low-rank scoring uses). 'write floor' is one fill_ of the "
              "(B, P) output buffer: materialising cannot take less than one backward plus that write.")
-    write("bench_grads" + ("_smoke" if smoke else "") + ("" if device == "cpu" else "_" + device), payload, rows, out_dir, notes)
+    write(result_name("bench_grads", smoke, device), payload, rows, out_dir, notes)
     return payload
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    run(args.smoke, args.out, args.device)
+    smoke_cli(run, device=True)

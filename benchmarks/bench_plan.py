@@ -21,12 +21,11 @@ once; scoring after it pays only the stochasticity check.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from _common import CNN, RESULTS, environment, lm, lm_batch, mlp, side_by_side, write
+from _common import CNN, environment, lm, lm_batch, mlp, side_by_side, result_name, smoke_cli, write
 from influence import ClassificationTask, LanguageModelingTask, select_parameters
 from influence._guards import check_deterministic
 from influence.gradients import plan as plans
@@ -76,13 +75,9 @@ def run(smoke: bool, out_dir: Path) -> dict:
     notes = ("Ratios to one batch of per-example gradients (GradientComputer.flat), median of runs "
              "interleaved round-robin. A fit pays 'plan + self-check' once (the plan is cached per "
              "model) and the stochasticity check once; every scoring call pays the stochasticity check.")
-    write("bench_plan" + ("_smoke" if smoke else ""), payload, rows, out_dir, notes)
+    write(result_name("bench_plan", smoke), payload, rows, out_dir, notes)
     return payload
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    run(args.smoke, args.out)
+    smoke_cli(run)

@@ -19,13 +19,12 @@ Ghost self-scores (what ``InfluenceEstimator(Identity()).self_scores()`` compute
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
 import torch
 
-from _common import RESULTS, environment, side_by_side, sync, write
+from _common import environment, side_by_side, sync, result_name, smoke_cli, write
 from influence import LanguageModelingTask, select_parameters
 from influence.gradients.functional import per_sample_grads
 from influence.gradients.hooks import GradientComputer
@@ -123,14 +122,9 @@ def run(smoke: bool, out_dir: Path, device: str = "cpu") -> dict:
              "for the other parameters plus a vmap pass for wte alone (the plan before ties were summed). 'all func': "
              "torch.func for everything. Self-scores: ghost norms ||grad||^2 per example by the same routes "
              "(Identity's self_scores). Speed-ups are time ratios (> 1: tie summed is faster).")
-    write("bench_tied" + ("_smoke" if smoke else "") + ("" if device == "cpu" else "_" + device), payload, rows, out_dir, notes)
+    write(result_name("bench_tied", smoke, device), payload, rows, out_dir, notes)
     return payload
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    run(args.smoke, args.out, args.device)
+    smoke_cli(run, device=True)

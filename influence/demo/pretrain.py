@@ -153,18 +153,27 @@ def pretrain(
 
 
 def _train(model, tok, config, device, progress, examples=None) -> list[float]:
-    from tqdm.auto import tqdm
-
     rng = random.Random(config.seed)
     draw = (lambda: corpus_example(rng)) if examples is None else (lambda: rng.choice(examples))
+    return train_steps(model, config, lambda: collate(tok, [draw() for _ in range(config.batch_size)]),
+                       device, progress, "pretrain base LM")
+
+
+def train_steps(model, config: PretrainConfig, next_batch, device, progress: bool, desc: str) -> list[float]:
+    """``config.steps`` AdamW steps (weight decay 0.01, one-cycle schedule, gradient norm
+    clipped at 1) on ``next_batch()`` dicts, full-sequence next-token loss per token with padding
+    masked (the batch's ``labels`` are ignored); returns the losses. The demo's pretraining and
+    the study's TinyLM share it."""
+    from tqdm.auto import tqdm
+
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps, pct_start=0.1)
     task = LanguageModelingTask()
     model.train()
     losses = []
-    bar = tqdm(range(config.steps), desc="pretrain base LM", disable=not progress, leave=False)
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False)
     for _ in bar:
-        batch = collate(tok, [draw() for _ in range(config.batch_size)])
+        batch = next_batch()
         batch = {"input_ids": batch["input_ids"].to(device),
                  "attention_mask": batch["attention_mask"].to(device)}  # full-sequence loss
         tokens = batch["attention_mask"].sum()

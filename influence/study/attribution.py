@@ -1,7 +1,7 @@
 """Scores of one model by the demo's methods, for several sets of queries at once.
 
 The methods are the demo's registry (:data:`influence.demo.methods.METHODS`), computed as the
-demo computes them (:class:`influence.demo.pipeline.Attribution`): influence functions on the
+demo computes them (:class:`influence.demo.attribution.Attribution`): influence functions on the
 LoRA parameters, ``score[i, j] = ∇m(query_i)ᵀ (C + λI)⁻¹ ∇ℓ(train_j)`` (positive = helpful)
 with the relative damping ``λ = damping_ratio · mean_j ‖∇ℓ(train_j)‖² / P``, and RepSim (cosine
 of the final hidden states at the last prompt token). A curvature is fitted once per model and
@@ -18,7 +18,7 @@ import torch
 from .. import evaluation
 from ..demo.methods import METHODS, repsim_scores
 from ..demo.metrics import class_metrics
-from ..demo.pipeline import Attribution, DemoConfig
+from ..demo.attribution import Attribution
 
 QuerySet = tuple[list[dict], list[dict]]
 """``(loss_batches, response_batches)`` of one set of queries: the batches of the chosen
@@ -39,8 +39,8 @@ class StudyAttribution:
                  damping_ratio: float = 0.1, curvature_type: str = "fisher"):
         self.model, self.train, self.queries = model.eval(), train, dict(queries)
         main = next(iter(self.queries.values()))
-        config = DemoConfig(damping_ratio=damping_ratio, curvature_type=curvature_type)
-        self.attribution = Attribution(model, None, train[0], main[0], config)
+        self.attribution = Attribution(model, train[0], main[0], damping_ratio=damping_ratio,
+                                       curvature_type=curvature_type)
 
     @property
     def damping(self) -> float:
@@ -58,11 +58,8 @@ class StudyAttribution:
         keys = list(self.queries)
         main, _ = self.attribution.scores(name)
         out = {keys[0]: main.cpu()}
-        estimator = self.attribution.estimators[name]
-        G_train = self.attribution.G_train.double()
-        for key in keys[1:]:
-            factors = estimator.influence_factors(self.queries[key][0]).double()
-            out[key] = (factors @ G_train.T).cpu()
+        for key in keys[1:]:  # the fitted method, no refit
+            out[key] = self.attribution.query_scores(name, self.queries[key][0]).cpu()
         return out
 
 

@@ -125,6 +125,7 @@ def study_config(args: argparse.Namespace):
 def run_study_command(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from ..cli import torch_threads
     from .outputs import summary
     from .run import run_study
 
@@ -132,13 +133,10 @@ def run_study_command(args: argparse.Namespace) -> int:
         config = study_config(args)
     except ValueError as error:
         raise SystemExit(f"influence study: {error}") from None
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     try:
-        result = run_study(config, progress=progress, log=tqdm.write)
+        with torch_threads(args.threads or 0):  # restored afterwards, as for the demo
+            result = run_study(config, progress=progress, log=tqdm.write)
     except (ValueError, FileNotFoundError, ImportError, OSError) as error:
         raise SystemExit(f"influence study: {error}") from error
     print()

@@ -19,9 +19,8 @@ from typing import Sequence
 
 import torch
 
-from ..demo.pretrain import PretrainConfig
+from ..demo.pretrain import PretrainConfig, train_steps
 from ..lm import TinyLM, TinyLMConfig
-from ..tasks import LanguageModelingTask
 from .batches import collate, encode, pad_id
 from .data import STUDY_EXTRA, Record
 
@@ -96,8 +95,6 @@ def tinylm_base(records: Sequence[Record], config: PretrainConfig, device: str =
     masked. The position table covers the longest of ``records`` and ``queries`` (at most
     ``max_length`` tokens). ``info["config"]`` rebuilds the architecture (see :func:`random_tinylm`).
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     tokenizer = train_word_tokenizer([f"{r.prompt} {r.response}" for r in records])
     encoded = [encode(tokenizer, r, max_length) for r in records]
@@ -107,23 +104,12 @@ def tinylm_base(records: Sequence[Record], config: PretrainConfig, device: str =
         n_heads=config.n_heads, d_ff=config.d_ff, max_len=longest)
     torch.manual_seed(config.seed)
     model = TinyLM(model_config).to(device=device, dtype=check_dtype(dtype))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps,
-                                                   pct_start=0.1)
-    task, rng, pad, losses = LanguageModelingTask(), random.Random(config.seed), pad_id(tokenizer), []
-    model.train()
-    for _ in tqdm(range(config.steps), desc="pretrain TinyLM", disable=not progress, leave=False):
-        batch = collate([encoded[rng.randrange(len(encoded))] for _ in range(config.batch_size)],
-                        pad, "response")
-        batch = {"input_ids": batch["input_ids"].to(device),
-                 "attention_mask": batch["attention_mask"].to(device)}  # all tokens but padding
-        loss = task.loss(model, batch).sum() / batch["attention_mask"].sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+    rng, pad = random.Random(config.seed), pad_id(tokenizer)
+    losses = train_steps(
+        model, config,
+        lambda: collate([encoded[rng.randrange(len(encoded))] for _ in range(config.batch_size)],
+                        pad, "response"),
+        device, progress, "pretrain TinyLM")
     info = {"kind": "tinylm", "config": model_config.to_dict(), "pretrain": asdict(config),
             "num_params": sum(p.numel() for p in model.parameters()),
             "final_pretrain_loss": losses[-1] if losses else None,
