@@ -41,6 +41,26 @@ def test_pretrain_is_cached(tmp_path):
     assert first["cache"] == second["cache"] and model.config.vocab_size == len(tok)
 
 
+def test_a_changed_cached_base_model_is_not_used(tmp_path):
+    """The cache is untrusted input: weights edited in place fail the checksum stored beside
+    them, and the base model is pretrained again instead of silently changing every score."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = PretrainConfig(**{**TINY_LM, "steps": 3})
+    model, _, first = pretrain(config, tmp_path, progress=False)
+    with safe_open(first["cache"], "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(state)[0]
+    state[name] = state[name] + 1.0
+    save_file(state, first["cache"], metadata=meta)
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        again, _, info = pretrain(config, tmp_path, progress=False)
+    assert not info["cached"]
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k  # the retrained weights, not the edited ones
+
+
 def test_pretrain_cache_key_follows_the_tokenizer_and_the_corpus(tmp_path):
     import dataclasses
 

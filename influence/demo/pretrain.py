@@ -24,13 +24,16 @@ import json
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..io import _tensor_checksum
 from ..lm import TinyLM, TinyLMConfig
 from ..tasks import LanguageModelingTask
 from . import families as fam
@@ -137,8 +140,9 @@ def pretrain(
     model = TinyLM(model_config).to(device)
     info = {"cache": str(path), "num_params": sum(p.numel() for p in model.parameters()),
             "vocab_size": len(tok), "tokenizer": config.tokenizer}
-    if path.exists():
-        model.load_state_dict(load_file(str(path), device=device))
+    cached = _load_verified(path)
+    if cached is not None:
+        model.load_state_dict({k: v.to(device) for k, v in cached.items()})
         info.update(cached=True, seconds=0.0)
         return model.eval(), tok, info
     start = time.perf_counter()
@@ -146,10 +150,39 @@ def pretrain(
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"config": json.dumps(asdict(config))})
+    save_file(state, str(tmp), metadata={"config": json.dumps(asdict(config)),
+                                         "sha256": _state_checksum(state)})
     tmp.replace(path)
     info.update(cached=False, seconds=time.perf_counter() - start, final_loss=losses[-1])
     return model.eval(), tok, info
+
+
+def _state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a CPU state dict."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(_tensor_checksum(state[name]).encode())
+    return h.hexdigest()
+
+
+def _load_verified(path: Path) -> dict[str, torch.Tensor] | None:
+    """The cached weights at ``path`` if they match their checksum; ``None`` (retrain) when
+    there is no file, or, with a warning, when it is unreadable or its weights changed."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            expected = (f.metadata() or {}).get("sha256")
+        state = load_file(str(path))
+    except Exception as error:  # a truncated or foreign file: pretrain again
+        warnings.warn(f"The cached base model {path} is unreadable ({error}); pretraining again.")
+        return None
+    if expected != _state_checksum(state):
+        warnings.warn(f"The cached base model {path} does not match its checksum (changed or "
+                      "written by an older version); pretraining again.")
+        return None
+    return state
 
 
 def _train(model, tok, config, device, progress, examples=None) -> list[float]:
